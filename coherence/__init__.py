@@ -1,0 +1,1 @@
+"""Coherence: write leases with fencing tokens, single-flight, read pins, tenants."""

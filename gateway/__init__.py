@@ -1,0 +1,1 @@
+"""The kvgate HTTP gateway (aiohttp), its CLI, config and client."""

@@ -1,0 +1,1 @@
+"""Storage tiers of kvgate: HBM and DRAM arenas, an LMDB disk tier, and the hierarchy."""

@@ -1,0 +1,85 @@
+"""The Tier protocol: a small byte store with a budget and a policy.
+
+A tier never moves blocks anywhere else and never evicts on its own: :meth:`Tier.put` answers
+``NO_ROOM`` and the hierarchy decides what to demote (it keeps one eviction policy per tier, asks
+it for a victim, then moves the block down with :meth:`Tier.evict`). A backend fault inside ``get`` surfaces as a miss plus a span
+event, never as an exception to the request (see ``tiers.hierarchy``).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from tiers.block import Block
+
+
+class PutOutcome(enum.Enum):
+    STORED = "stored"
+    EXISTS = "exists"
+    NO_ROOM = "no_room"  # the budget is full right now: evict and retry, or go elsewhere
+    TOO_LARGE = "too_large"  # could never fit this tier, whatever is evicted
+    REJECTED = "rejected"  # the admission policy declined it
+
+
+@dataclass(frozen=True, slots=True)
+class TierStats:
+    name: str
+    device: str
+    capacity_bytes: int
+    used_bytes: int
+    blocks: int
+    hits: int
+    misses: int
+    evictions: int
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "device": self.device,
+            "capacity_bytes": self.capacity_bytes,
+            "used_bytes": self.used_bytes,
+            "blocks": self.blocks,
+            "hits": self.hits,
+            "misses": self.misses,
+            "evictions": self.evictions,
+        }
+
+
+@runtime_checkable
+class Tier(Protocol):
+    name: str
+    """``hbm``, ``dram``, ``disk`` or another tier's name (``X-KV-Tier``)."""
+    device: str
+    """What really holds the bytes: ``cuda:0``, ``cpu``, ``cpu-pinned``, ``lmdb``, ..."""
+    volatile: bool
+    """Whether the contents are lost when the process exits (spilled on graceful shutdown)."""
+
+    async def get(self, key: str) -> Block | None:
+        """The block, or ``None`` on a miss. Corrupt blocks are dropped and missed."""
+        ...
+
+    async def put(self, key: str, block: Block) -> PutOutcome:
+        """Store a copy of ``block``; never evicts."""
+        ...
+
+    async def delete(self, key: str) -> bool: ...
+
+    def contains(self, key: str) -> bool: ...
+
+    async def evict(self, key: str) -> Block | None:
+        """Remove ``key`` and hand back its block, for the hierarchy to demote."""
+        ...
+
+    def fits(self, nbytes: int) -> bool:
+        """Whether a block of ``nbytes`` fits the budget now, without eviction."""
+        ...
+
+    def could_ever_fit(self, nbytes: int) -> bool: ...
+
+    def keys(self) -> list[str]: ...
+
+    def stats(self) -> TierStats: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,75 @@
+"""The unit every tier stores: bytes plus a little metadata that travels with them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import xxhash
+
+# Internal keys join the tenant and the client's key with a byte that client keys cannot
+# contain (they match [A-Za-z0-9._:@-]), so two tenants' keys never collide in any tier.
+TENANT_SEP = "/"
+DEFAULT_TENANT = "default"
+
+
+def scoped_key(tenant: str, key: str) -> str:
+    return f"{tenant}{TENANT_SEP}{key}"
+
+
+def split_key(scoped: str) -> tuple[str, str]:
+    tenant, _, key = scoped.partition(TENANT_SEP)
+    return tenant, key
+
+
+def digest(data: bytes | bytearray | memoryview) -> bytes:
+    """xxh3-128 of the block bytes: the ETag and the disk checksum."""
+    return xxhash.xxh3_128_digest(data)
+
+
+@dataclass(frozen=True, slots=True)
+class BlockMeta:
+    """What is known about a block besides its bytes.
+
+    ``dtype``/``shape`` are optional hints from the writer (``X-KV-Dtype``/``X-KV-Shape``); the
+    disk codec uses the dtype's width for byte-grouping. ``expires_at`` is wall-clock seconds
+    (``X-KV-TTL``), ``None`` for no expiry.
+    """
+
+    size: int
+    digest: bytes
+    dtype: str | None = None
+    shape: tuple[int, ...] | None = None
+    expires_at: float | None = None
+
+    @property
+    def etag(self) -> str:
+        return f'"{self.digest.hex()}"'
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    data: bytes | memoryview
+    meta: BlockMeta
+
+    @classmethod
+    def of(
+        cls,
+        data: bytes | memoryview,
+        *,
+        dtype: str | None = None,
+        shape: tuple[int, ...] | None = None,
+        expires_at: float | None = None,
+    ) -> Block:
+        return cls(
+            data,
+            BlockMeta(
+                size=len(data),
+                digest=digest(data),
+                dtype=dtype,
+                shape=shape,
+                expires_at=expires_at,
+            ),
+        )

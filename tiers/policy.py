@@ -1,0 +1,123 @@
+"""Eviction and admission policies: small strategy objects.
+
+The same objects drive the live tiers (through :class:`tiers.hierarchy.Hierarchy`) and the
+offline trace simulator (``kvgate replay --simulate``), so what is tuned offline is what runs.
+A policy only orders keys; it never touches bytes or budgets (the ledger does that).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from tiers.errors import TierConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """One event a policy learns from.
+
+    ``depth`` is the block's position in its prefix chain (0 for the first block of a prompt)
+    and ``prev`` the key before it, when the caller knows them (lookups and trace replay do):
+    a prefix block is worthless once any block before it is gone, which prefix-aware policies
+    exploit.
+    """
+
+    key: str
+    size: int = 1
+    now: float = 0.0
+    depth: int | None = None
+    prev: str | None = None
+
+
+@runtime_checkable
+class EvictionPolicy(Protocol):
+    name: str
+
+    def admit(self, access: Access) -> bool:
+        """Whether a block not yet in the tier may enter it (admission control)."""
+        ...
+
+    def on_insert(self, access: Access) -> None:
+        """The block entered the tier."""
+        ...
+
+    def on_hit(self, access: Access) -> None:
+        """The block, present in the tier, was read."""
+        ...
+
+    def on_miss(self, access: Access) -> None:
+        """The block was asked for and was not in the tier (frequency sketches count these)."""
+        ...
+
+    def on_remove(self, key: str) -> None:
+        """The block left the tier (evicted, demoted, promoted, deleted or expired)."""
+        ...
+
+    def victim(self, exclude: Callable[[str], bool] | None = None) -> str | None:
+        """The key to evict next, skipping those ``exclude`` rejects; ``None`` when none is."""
+        ...
+
+    def __len__(self) -> int: ...
+
+
+class LRUPolicy:
+    """Least recently used; admits everything."""
+
+    name = "lru"
+
+    def __init__(self) -> None:
+        self._order: OrderedDict[str, None] = OrderedDict()
+
+    def admit(self, access: Access) -> bool:
+        return True
+
+    def on_insert(self, access: Access) -> None:
+        self._order[access.key] = None
+        self._order.move_to_end(access.key)
+
+    def on_hit(self, access: Access) -> None:
+        if access.key in self._order:
+            self._order.move_to_end(access.key)
+
+    def on_miss(self, access: Access) -> None:
+        return None
+
+    def on_remove(self, key: str) -> None:
+        self._order.pop(key, None)
+
+    def victim(self, exclude: Callable[[str], bool] | None = None) -> str | None:
+        for key in self._order:
+            if exclude is None or not exclude(key):
+                return key
+        return None
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+
+PolicyFactory = Callable[[], EvictionPolicy]
+
+_REGISTRY: dict[str, PolicyFactory] = {"lru": LRUPolicy}
+DEFAULT_POLICY = "lru"
+
+
+def register_policy(name: str, factory: PolicyFactory) -> None:
+    _REGISTRY[name] = factory
+
+
+def policy_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def make_policy(name: str | None = None) -> EvictionPolicy:
+    key = name or DEFAULT_POLICY
+    try:
+        factory = _REGISTRY[key]
+    except KeyError:
+        raise TierConfigError(
+            f"unknown eviction policy {key!r}; choose one of {', '.join(policy_names())}"
+        ) from None
+    return factory()
