@@ -2,8 +2,8 @@
 
 A tier never moves blocks anywhere else and never evicts on its own: :meth:`Tier.put` answers
 ``NO_ROOM`` and the hierarchy decides what to demote (it keeps one eviction policy per tier, asks
-it for a victim, then moves the block down with :meth:`Tier.evict`). A backend fault inside ``get`` surfaces as a miss plus a span
-event, never as an exception to the request (see ``tiers.hierarchy``).
+it for a victim, then moves the block down with :meth:`Tier.evict`). A backend fault inside
+``get`` surfaces as a miss plus a span event, never as an exception to the request.
 """
 
 from __future__ import annotations

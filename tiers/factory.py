@@ -1,0 +1,71 @@
+"""Builds the standard three-tier hierarchy (hbm, dram, disk) from plain settings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+
+from tiers.base import Tier
+from tiers.clock import SYSTEM_CLOCK, Clock
+from tiers.hierarchy import Hierarchy, HierarchyConfig
+from tiers.memory import DEFAULT_PAGE_BYTES, ArenaTier
+from tiers.policy import make_policy
+
+
+@dataclass(frozen=True, slots=True)
+class TierSettings:
+    data_dir: Path
+    hbm_bytes: int
+    dram_bytes: int
+    disk_bytes: int
+    page_bytes: int = DEFAULT_PAGE_BYTES
+    hbm_policy: str | None = None
+    dram_policy: str | None = None
+    disk_policy: str | None = None
+    write_through: bool = False
+    disk_compression_level: int = 3
+    promote_on_hit: bool = True
+    spill_on_close: bool = True
+
+
+async def build_hierarchy(
+    settings: TierSettings,
+    *,
+    clock: Clock = SYSTEM_CLOCK,
+    executor: Executor | None = None,
+    is_pinned: Callable[[str], bool] | None = None,
+) -> Hierarchy:
+    """Create, open and index the tiers; the caller closes the hierarchy."""
+    from tiers.disk import DiskTier  # noqa: PLC0415 - keeps LMDB out of arena-only imports
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    disk = await DiskTier.open(
+        settings.data_dir / "blocks.lmdb",
+        capacity_bytes=settings.disk_bytes,
+        level=settings.disk_compression_level,
+        clock=clock,
+    )
+    tiers: list[Tier] = [
+        ArenaTier.hbm(settings.hbm_bytes, page_bytes=settings.page_bytes, executor=executor),
+        ArenaTier.dram(settings.dram_bytes, page_bytes=settings.page_bytes, executor=executor),
+        disk,
+    ]
+    hierarchy = Hierarchy(
+        tiers,
+        policies=[
+            make_policy(settings.hbm_policy),
+            make_policy(settings.dram_policy),
+            make_policy(settings.disk_policy),
+        ],
+        config=HierarchyConfig(
+            write_through=settings.write_through,
+            promote_on_hit=settings.promote_on_hit,
+            spill_on_close=settings.spill_on_close,
+        ),
+        clock=clock,
+        is_pinned=is_pinned,
+    )
+    await hierarchy.open()
+    return hierarchy

@@ -1,0 +1,448 @@
+"""The tier hierarchy: the one place that decides where a block lives.
+
+Tiers are ordered hottest first. A put lands in the hottest tier that admits it, making room there
+by demoting that tier's policy victims one tier down (the last tier drops them). A hit in a colder
+tier promotes the block toward the hottest tier in the background. Write-back is the default:
+volatile tiers are spilled to the persistent tier on :meth:`Hierarchy.close`, so a graceful
+restart comes back warm; write-through keeps a durable copy of every block from the start.
+
+Concurrency (one event loop): a per-tier lock makes "make room, then store" atomic against other
+stores into the same tier. Locks are always taken hottest to coldest, so demotion chains cannot
+deadlock. A block in flight between tiers is kept in ``_moving``: it stays readable, it cannot be
+picked as a victim, and a delete that races with the move is honoured when the move ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tiers.base import PutOutcome, Tier, TierStats
+from tiers.block import Block, split_key
+from tiers.clock import SYSTEM_CLOCK, Clock
+from tiers.errors import TierConfigError, TierError
+from tiers.policy import Access, EvictionPolicy, make_policy
+
+log = logging.getLogger(__name__)
+
+
+class StoreOutcome(enum.Enum):
+    STORED = "stored"
+    EXISTS = "exists"
+    NO_ROOM = "no_room"  # nothing evictable in any tier that could hold it
+    TOO_LARGE = "too_large"  # larger than every tier
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    block: Block
+    tier: str
+
+
+@dataclass(frozen=True, slots=True)
+class HierarchyConfig:
+    write_through: bool = False
+    promote_on_hit: bool = True
+    spill_on_close: bool = True
+
+
+@dataclass(slots=True)
+class _Loc:
+    tier: int
+    size: int
+    expires_at: float | None
+    durable: bool = False  # write-through: a copy also lives on the persistent tier
+
+
+class Hierarchy:
+    def __init__(
+        self,
+        tiers: Sequence[Tier],
+        *,
+        policies: Sequence[EvictionPolicy] | None = None,
+        config: HierarchyConfig | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        is_pinned: Callable[[str], bool] | None = None,
+    ) -> None:
+        if not tiers:
+            raise TierConfigError("a hierarchy needs at least one tier")
+        if policies is not None and len(policies) != len(tiers):
+            raise TierConfigError("one policy per tier")
+        self._tiers = list(tiers)
+        self._policies = list(policies) if policies is not None else [make_policy() for _ in tiers]
+        self._config = config or HierarchyConfig()
+        self._clock = clock
+        self._is_pinned = is_pinned
+        self._locks = [asyncio.Lock() for _ in tiers]
+        self._index: dict[str, _Loc] = {}
+        self._moving: dict[str, Hit] = {}
+        self._deleted_while_moving: set[str] = set()
+        self._storing: dict[str, asyncio.Future[StoreOutcome]] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self._tenant_bytes: dict[str, int] = {}
+        self._persistent = next(
+            (i for i in range(len(self._tiers) - 1, -1, -1) if not self._tiers[i].volatile), None
+        )
+        self._promotions = [0] * len(tiers)
+        self._demotions = [0] * len(tiers)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def tiers(self) -> list[Tier]:
+        return list(self._tiers)
+
+    @property
+    def policies(self) -> list[EvictionPolicy]:
+        return list(self._policies)
+
+    async def open(self) -> None:
+        """Index what the persistent tiers already hold (a restart comes back warm)."""
+        for i, tier in enumerate(self._tiers):
+            present = tier.keys()
+            for key in present:
+                if key in self._index:
+                    continue
+                size = _size_hint(tier, key)
+                self._index[key] = _Loc(i, size, None)
+                self._account(key, size)
+                self._policies[i].on_insert(Access(key, size, self._clock.time()))
+
+    async def close(self) -> None:
+        await self.quiesce()
+        if self._config.spill_on_close:
+            spilled = await self.spill()
+            if spilled:
+                log.info("spilled %d volatile blocks to the persistent tier", spilled)
+        for tier in self._tiers:
+            await tier.close()
+
+    async def quiesce(self) -> None:
+        """Wait until background promotions and prefetches are done."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def locate(self, key: str) -> str | None:
+        moving = self._moving.get(key)
+        if moving is not None:
+            return moving.tier
+        loc = self._index.get(key)
+        if loc is None or self._expired(loc):
+            return None
+        return self._tiers[loc.tier].name
+
+    def contains(self, key: str) -> bool:
+        return self.locate(key) is not None
+
+    def lookup(self, keys: Sequence[str]) -> list[str]:
+        """Tiers of the longest run ``keys[0..n)`` that is entirely present."""
+        found: list[str] = []
+        for key in keys:
+            tier = self.locate(key)
+            if tier is None:
+                break
+            found.append(tier)
+        return found
+
+    async def get(self, key: str, *, hint: Access | None = None) -> Hit | None:
+        access = hint or Access(key, now=self._clock.time())
+        moving = self._moving.get(key)
+        if moving is not None:
+            return moving
+        loc = self._index.get(key)
+        if loc is None:
+            for policy in self._policies:
+                policy.on_miss(access)
+            return None
+        if self._expired(loc):
+            await self.delete(key)
+            return None
+        idx = loc.tier
+        tier = self._tiers[idx]
+        try:
+            block = await tier.get(key)
+        except TierError as exc:
+            log.warning("tier %s failed reading a block; answering a miss: %s", tier.name, exc)
+            block = None
+        if block is None:
+            # Lost or corrupt: the tier dropped it; forget it everywhere above.
+            if self._index.get(key) is loc:
+                self._forget(key)
+            return None
+        for policy in self._policies[:idx]:
+            policy.on_miss(access)
+        self._policies[idx].on_hit(access)
+        if idx > 0 and self._config.promote_on_hit:
+            self._spawn(self._promote(key, block))
+        return Hit(block, tier.name)
+
+    # -- writes ----------------------------------------------------------------------------
+
+    async def put(self, key: str, block: Block) -> StoreOutcome:
+        if self.contains(key):
+            return StoreOutcome.EXISTS
+        pending = self._storing.get(key)
+        if pending is not None:
+            # Same key stored concurrently: first writer wins, the others see it present.
+            outcome = await asyncio.shield(pending)
+            return StoreOutcome.EXISTS if outcome is StoreOutcome.STORED else outcome
+        future: asyncio.Future[StoreOutcome] = asyncio.get_running_loop().create_future()
+        self._storing[key] = future
+        try:
+            outcome = await self._put_new(key, block)
+            future.set_result(outcome)
+            return outcome
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters re-raise it, nobody logs it as lost
+            raise
+        finally:
+            del self._storing[key]
+
+    async def _put_new(self, key: str, block: Block) -> StoreOutcome:
+        size = block.meta.size
+        if not any(t.could_ever_fit(size) for t in self._tiers):
+            return StoreOutcome.TOO_LARGE
+        access = Access(key, size, self._clock.time())
+        last = len(self._tiers) - 1
+        durable = False
+        if self._config.write_through and self._persistent is not None:
+            # The durable copy first: a block acknowledged under write-through survives a crash.
+            if await self._store_at(self._persistent, key, block) is not PutOutcome.STORED:
+                return StoreOutcome.NO_ROOM
+            durable = True
+            self._index[key] = _Loc(self._persistent, size, block.meta.expires_at, durable=True)
+            self._account(key, size)
+        for i, tier in enumerate(self._tiers):
+            if durable and i >= self._persistent:  # type: ignore[operator]
+                break
+            if not tier.could_ever_fit(size):
+                continue
+            if i < last and not self._policies[i].admit(access):
+                continue
+            outcome = await self._store_at(i, key, block)
+            if outcome is PutOutcome.STORED:
+                if key in self._index:
+                    self._index[key].tier = i
+                else:
+                    self._index[key] = _Loc(i, size, block.meta.expires_at)
+                    self._account(key, size)
+                return StoreOutcome.STORED
+        return StoreOutcome.STORED if durable else StoreOutcome.NO_ROOM
+
+    async def delete(self, key: str) -> bool:
+        if key in self._moving:
+            self._deleted_while_moving.add(key)
+        loc = self._index.get(key)
+        if loc is None:
+            return key in self._moving
+        self._forget(key)
+        removed = False
+        for i, tier in enumerate(self._tiers):
+            if i == loc.tier or (loc.durable and i == self._persistent) or tier.contains(key):
+                self._policies[i].on_remove(key)
+                try:
+                    removed = await tier.delete(key) or removed
+                except TierError as exc:
+                    log.warning("tier %s failed deleting a block: %s", tier.name, exc)
+        return True
+
+    async def prefetch(self, keys: Sequence[str]) -> int:
+        """Schedule promotion of the colder ones among ``keys``; returns how many."""
+        scheduled = 0
+        for key in keys:
+            loc = self._index.get(key)
+            if loc is None or loc.tier == 0 or key in self._moving:
+                continue
+            self._spawn(self._prefetch_one(key))
+            scheduled += 1
+        return scheduled
+
+    async def spill(self) -> int:
+        """Copy every volatile-only block to the persistent tier, coldest tier first."""
+        if self._persistent is None:
+            return 0
+        spilled = 0
+        for i in range(self._persistent - 1, -1, -1):
+            tier = self._tiers[i]
+            # Insertion order, oldest first: the disk policy then sees the hottest blocks last.
+            present = tier.keys()
+            for key in present:
+                loc = self._index.get(key)
+                if loc is None or loc.durable or loc.tier != i or self._expired(loc):
+                    continue
+                try:
+                    block = await tier.get(key)
+                except TierError:
+                    block = None
+                if block is None:
+                    continue
+                if await self._store_at(self._persistent, key, block) is PutOutcome.STORED:
+                    loc.durable = True
+                    spilled += 1
+        return spilled
+
+    # -- stats -----------------------------------------------------------------------------
+
+    def stats(self) -> list[TierStats]:
+        return [tier.stats() for tier in self._tiers]
+
+    def promotions(self) -> dict[str, int]:
+        return {t.name: n for t, n in zip(self._tiers, self._promotions, strict=True)}
+
+    def demotions(self) -> dict[str, int]:
+        return {t.name: n for t, n in zip(self._tiers, self._demotions, strict=True)}
+
+    def tenant_bytes(self, tenant: str) -> int:
+        return self._tenant_bytes.get(tenant, 0)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _expired(self, loc: _Loc) -> bool:
+        return loc.expires_at is not None and self._clock.time() >= loc.expires_at
+
+    def _excluded(self, key: str) -> bool:
+        return key in self._moving or (self._is_pinned is not None and self._is_pinned(key))
+
+    def _account(self, key: str, size: int) -> None:
+        tenant = split_key(key)[0]
+        self._tenant_bytes[tenant] = self._tenant_bytes.get(tenant, 0) + size
+
+    def _forget(self, key: str) -> None:
+        loc = self._index.pop(key, None)
+        if loc is not None:
+            tenant = split_key(key)[0]
+            self._tenant_bytes[tenant] = self._tenant_bytes.get(tenant, 0) - loc.size
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _store_at(self, i: int, key: str, block: Block) -> PutOutcome:
+        """Store into tier ``i``, demoting its victims until the block fits."""
+        tier = self._tiers[i]
+        size = block.meta.size
+        if not tier.could_ever_fit(size):
+            return PutOutcome.TOO_LARGE
+        async with self._locks[i]:
+            while not tier.fits(size):
+                victim = self._policies[i].victim(self._excluded)
+                if victim is None:
+                    return PutOutcome.NO_ROOM
+                await self._demote(i, victim)
+            try:
+                outcome = await tier.put(key, block)
+            except TierError as exc:
+                log.warning("tier %s failed storing a block: %s", tier.name, exc)
+                return PutOutcome.NO_ROOM
+            if outcome is PutOutcome.STORED:
+                self._policies[i].on_insert(Access(key, size, self._clock.time()))
+            return outcome
+
+    async def _demote(self, i: int, key: str) -> None:
+        tier = self._tiers[i]
+        self._policies[i].on_remove(key)
+        try:
+            block = await tier.evict(key)
+        except TierError as exc:
+            log.warning("tier %s failed evicting a block: %s", tier.name, exc)
+            block = None
+        loc = self._index.get(key)
+        if block is None or loc is None:
+            if loc is not None and loc.tier == i:
+                self._forget(key)
+            return
+        if loc.tier != i:
+            # Only a stale copy (the write-through original lives on); nothing to move.
+            if i == self._persistent:
+                loc.durable = False
+            return
+        if loc.durable and i + 1 == self._persistent:
+            loc.tier = i + 1
+            self._demotions[i] += 1
+            return
+        if i == self._persistent and loc.durable:
+            loc.durable = False
+        below = i + 1
+        if below >= len(self._tiers) or self._expired(loc):
+            self._forget(key)
+            return
+        self._moving[key] = Hit(block, tier.name)
+        try:
+            outcome = await self._store_at(below, key, block)
+        finally:
+            del self._moving[key]
+        if key in self._deleted_while_moving:
+            self._deleted_while_moving.discard(key)
+            if outcome in (PutOutcome.STORED, PutOutcome.EXISTS):
+                self._policies[below].on_remove(key)
+                await self._tiers[below].delete(key)
+            return
+        if outcome in (PutOutcome.STORED, PutOutcome.EXISTS):
+            loc.tier = below
+            self._demotions[i] += 1
+        else:
+            self._forget(key)
+
+    async def _promote(self, key: str, block: Block) -> None:
+        loc = self._index.get(key)
+        if loc is None or loc.tier == 0 or key in self._moving:
+            return
+        src = loc.tier
+        access = Access(key, block.meta.size, self._clock.time())
+        self._moving[key] = Hit(block, self._tiers[src].name)
+        target: int | None = None
+        try:
+            for i in range(src):
+                if not self._policies[i].admit(access):
+                    continue
+                if await self._store_at(i, key, block) is PutOutcome.STORED:
+                    target = i
+                    break
+        finally:
+            del self._moving[key]
+        if key in self._deleted_while_moving:
+            self._deleted_while_moving.discard(key)
+            if target is not None:
+                self._policies[target].on_remove(key)
+                await self._tiers[target].delete(key)
+            return
+        if target is None or self._index.get(key) is not loc:
+            return
+        loc.tier = target
+        self._promotions[src] += 1
+        if loc.durable and src == self._persistent:
+            return  # keep the durable copy where it is
+        self._policies[src].on_remove(key)
+        try:
+            await self._tiers[src].delete(key)
+        except TierError as exc:
+            log.warning("tier %s failed dropping a promoted block: %s", self._tiers[src].name, exc)
+
+    async def _prefetch_one(self, key: str) -> None:
+        loc = self._index.get(key)
+        if loc is None or loc.tier == 0:
+            return
+        try:
+            block = await self._tiers[loc.tier].get(key)
+        except TierError:
+            block = None
+        if block is not None:
+            await self._promote(key, block)
+
+
+def _size_hint(tier: Tier, key: str) -> int:
+    size_of = getattr(tier, "size_of", None)
+    if callable(size_of):
+        return int(size_of(key))
+    return 0
