@@ -40,9 +40,7 @@ _FLAG_FIELDS = (
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="kvgate", description="KV-cache gateway for LLM serving."
-    )
+    parser = argparse.ArgumentParser(prog="kvgate", description="KV-cache gateway for LLM serving.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = sub.add_parser(
         "serve",

@@ -183,7 +183,7 @@ def _parse_tenants(raw: object) -> tuple[TenantConfig, ...]:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
         token = table.get("token_sha256")
         if not isinstance(token, str) or not _SHA256_RE.match(token.lower()):
-            raise ConfigError(f"{where}.token_sha256: expected 64 hex digits (SHA-256 of the token)")
+            raise ConfigError(f"{where}.token_sha256: expected the SHA-256 hex of the token")
         quota_raw = table.get("quota_bytes")
         quota = None if quota_raw is None else parse_size(quota_raw, name=f"{where}.quota_bytes")
         tenants.append(TenantConfig(str(name), token.lower(), quota))

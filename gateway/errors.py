@@ -136,9 +136,7 @@ def json_error(
     status: int, error: str, detail: str, *, headers: Mapping[str, str] | None = None
 ) -> web.Response:
     body = json.dumps({"error": error, "detail": detail}).encode()
-    return web.Response(
-        status=status, body=body, content_type="application/json", headers=headers
-    )
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
 
 
 def http_error_for(exc: BaseException) -> GatewayError | None:
