@@ -43,13 +43,6 @@ def describe_tiers(app: web.Application) -> str:
     )
 
 
-def _warn_cpu_hbm(app: web.Application) -> None:
-    hierarchy = app[STATE].hierarchy
-    for tier in [] if hierarchy is None else hierarchy.stats():
-        if tier.name == "hbm" and not tier.device.startswith("cuda"):
-            log.warning("no CUDA device: the hbm tier runs on %s", tier.device)
-
-
 async def serve(
     config: GatewayConfig,
     *,
@@ -78,9 +71,7 @@ async def serve(
             site = web.TCPSite(runner, config.host, config.port)
             await site.start()
             urls = [_url(a) for a in runner.addresses]
-            log.info("kvgate serving on %s", " ".join(urls))
-            log.info("tiers: %s", describe_tiers(app))
-            _warn_cpu_hbm(app)
+            log.info("kvgate serving on %s -- tiers: %s", " ".join(urls), describe_tiers(app))
             if on_ready is not None:
                 on_ready(urls)
             await stop.wait()
