@@ -43,6 +43,23 @@ def describe_tiers(app: web.Application) -> str:
     )
 
 
+# aiohttp answers an over-long request line itself, in text/plain, before any middleware runs;
+# lines this long reach the handlers instead, which answer a JSON 400 for an over-long key.
+MAX_LINE_BYTES = 64 * 1024
+MAX_FIELD_BYTES = 16 * 1024
+
+
+def make_runner(app: web.Application, config: GatewayConfig) -> web.AppRunner:
+    return web.AppRunner(
+        app,
+        handle_signals=False,
+        shutdown_timeout=config.shutdown_timeout_s,
+        access_log=None,
+        max_line_size=MAX_LINE_BYTES,
+        max_field_size=MAX_FIELD_BYTES,
+    )
+
+
 async def serve(
     config: GatewayConfig,
     *,
@@ -53,9 +70,7 @@ async def serve(
 ) -> None:
     """Serve until ``stop`` is set or SIGTERM/SIGINT arrives; cleanup always runs."""
     app = create_app(config, clock=clock, hierarchy_factory=hierarchy_factory)
-    runner = web.AppRunner(
-        app, handle_signals=False, shutdown_timeout=config.shutdown_timeout_s, access_log=None
-    )
+    runner = make_runner(app, config)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from gateway.app import create_app
 from gateway.config import GatewayConfig, MiB
+from gateway.server import make_runner
 from gateway.state import STATE
 from tiers.clock import FakeClock
 from tiers.hierarchy import Hierarchy
@@ -27,6 +28,7 @@ SMALL_TIERS = GatewayConfig(
     max_batch_bytes=32 * MiB,
     max_batch_keys=256,
     page_bytes=16 * 1024,
+    shutdown_timeout_s=1.0,
 )
 
 
@@ -50,7 +52,7 @@ async def running_gateway(data_dir: Path, **overrides: Any) -> AsyncIterator[Run
     clock = FakeClock()
     config = replace(SMALL_TIERS, data_dir=data_dir, **overrides)
     app = create_app(config, clock=clock)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+    runner = make_runner(app, config)
     await runner.setup()
     try:
         site = web.TCPSite(runner, "127.0.0.1", 0)
