@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from gateway.config import GatewayConfig
-from gateway.context import ContextResolver, single_tenant_resolver
+from gateway.context import ContextResolver, resolver_for
 from gateway.errors import (
     GatewayError,
     error_code_for_status,
@@ -110,7 +110,7 @@ def create_app(
     state = GatewayState(
         config=config,
         clock=clock,
-        resolve=context_resolver or single_tenant_resolver,
+        resolve=context_resolver or resolver_for(config.tenants),
     )
     factory = hierarchy_factory or default_hierarchy_factory(clock)
     app = web.Application(

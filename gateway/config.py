@@ -8,6 +8,7 @@ exit code 2 without a traceback).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import re
 import tomllib
@@ -249,7 +250,21 @@ def build_config(
     return config
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def validate(config: GatewayConfig) -> None:
+    if config.tenants == () and not is_loopback(config.host):
+        raise ConfigError(
+            f"host: binding to {config.host} without tenants would serve everyone without auth; "
+            "bind to 127.0.0.1 or configure [tenants.NAME] in the config file"
+        )
     if not 0 <= config.port <= 65535:
         raise ConfigError(f"port: expected 0..65535, got {config.port}")
     if config.page_bytes < 512 or config.page_bytes & (config.page_bytes - 1):

@@ -59,13 +59,13 @@ def test_defaults_are_the_embedded_ones() -> None:
 def test_flags_beat_env_beat_file(tmp_path: Path) -> None:
     path = tmp_path / "kvgate.toml"
     path.write_text(
-        'host = "0.0.0.0"\nport = 9000\nhbm_bytes = "1GiB"\ndram_bytes = 1048576\n'
+        'host = "127.0.0.2"\nport = 9000\nhbm_bytes = "1GiB"\ndram_bytes = 1048576\n'
         'data_dir = "/srv/kv"\nwrite_through = true\n'
     )
     env = {"KVGATE_PORT": "9100", "KVGATE_HBM_BYTES": "256MiB", "PATH": "/bin"}
     flags: dict[str, object] = {"hbm_bytes": "64MiB", "host": None}
     config = load_config(config_file=path, environ=env, flags=flags)
-    assert config.host == "0.0.0.0"  # file (flag left unset)
+    assert config.host == "127.0.0.2"  # file (flag left unset)
     assert config.port == 9100  # env over file
     assert config.hbm_bytes == 64 * MiB  # flag over env over file
     assert config.dram_bytes == MiB
@@ -120,6 +120,17 @@ def test_bad_files_fail_clearly(tmp_path: Path, toml: str, message: str) -> None
     path.write_text(toml)
     with pytest.raises(ConfigError, match=message):
         load_config(config_file=path, environ={})
+
+
+def test_beyond_loopback_needs_tenants(tmp_path: Path) -> None:
+    for host in ("0.0.0.0", "10.1.2.3", "example.org", "::"):
+        with pytest.raises(ConfigError, match="without tenants"):
+            load_config(environ={}, flags={"host": host})
+    for host in ("localhost", "127.0.0.1", "::1", "[::1]"):
+        assert load_config(environ={}, flags={"host": host}).host == host
+    path = tmp_path / "t.toml"
+    path.write_text(f'[tenants.alice]\ntoken_sha256 = "{SHA}"\n')
+    assert load_config(config_file=path, environ={}, flags={"host": "0.0.0.0"}).auth_enabled
 
 
 def test_missing_file_and_unknown_env() -> None:
