@@ -16,14 +16,7 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
-from tiers.errors import (
-    BlockTooLarge,
-    CorruptBlock,
-    TierClosed,
-    TierConfigError,
-    TierError,
-    TierIOError,
-)
+from tiers.errors import BlockTooLarge, CorruptBlock, TierClosed, TierIOError
 
 # --------------------------------------------------------------------------- server side
 
@@ -155,10 +148,7 @@ def http_error_for(exc: BaseException) -> GatewayError | None:
         return Unavailable("the store is shutting down")
     if isinstance(exc, TierIOError):
         return Unavailable(f"storage failure: {exc}")
-    if isinstance(exc, TierConfigError):
-        return None
-    if isinstance(exc, TierError):
-        return None
+    # TierConfigError and any other TierError is misuse, i.e. a bug: logged, answered 500.
     return None
 
 

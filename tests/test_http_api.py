@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import aiohttp
+import pytest
+from aiohttp import web
 
+from gateway.app import create_app
+from gateway.config import GatewayConfig
 from gateway.openapi import build_spec
-from tests.conftest import RunningGateway
+from tests.conftest import SMALL_TIERS, RunningGateway
 from tests.test_http_blocks import MiB, payload
+from tiers.errors import TierClosed, TierIOError
 
 STATS_FIELDS = {
     "name",
@@ -146,3 +154,55 @@ async def test_lease_routes_answer_501_json_for_now(
         async with call as resp:
             assert resp.status == 501
             assert (await resp.json())["error"] == "not_implemented"
+
+
+class ExplodingHierarchy:
+    """Stands in for a hierarchy whose reads fail, to drive the error middleware's last resorts."""
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+    async def get(self, key: str, *, hint: object = None) -> None:
+        raise self.exc
+
+    def stats(self) -> list[object]:
+        return []
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("exc", "status", "error", "logged"),
+    [
+        (RuntimeError("boom"), 500, "internal", True),
+        (TierIOError("disk gone"), 503, "unavailable", False),
+        (TierClosed("closed"), 503, "unavailable", False),
+    ],
+)
+async def test_unexpected_failures_are_json_and_logged(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    exc: Exception,
+    status: int,
+    error: str,
+    logged: bool,
+) -> None:
+    async def factory(config: GatewayConfig) -> Any:
+        return ExplodingHierarchy(exc)
+
+    app = create_app(replace(SMALL_TIERS, data_dir=tmp_path), hierarchy_factory=factory)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1/blocks/k"
+    try:
+        async with aiohttp.ClientSession() as http, http.get(url) as resp:
+            assert resp.status == status
+            body = await resp.json()
+            assert body["error"] == error
+            assert "boom" not in body["detail"]  # internals stay in the log
+    finally:
+        await runner.cleanup()
+    assert any(r.name == "kvgate.gateway" for r in caplog.records) == logged
