@@ -63,7 +63,12 @@ class FrequencySketch:
         hi = (h >> 32) | 1
         m = self._mask
         w = self._width
-        return (lo & m, w + ((lo + hi) & m), 2 * w + ((lo + 2 * hi) & m), 3 * w + ((lo + 3 * hi) & m))
+        return (
+            lo & m,
+            w + ((lo + hi) & m),
+            2 * w + ((lo + 2 * hi) & m),
+            3 * w + ((lo + 3 * hi) & m),
+        )
 
     def estimate(self, key: str) -> int:
         t = self._table
