@@ -457,7 +457,8 @@ class LeaseTable:
     def _arm(self, lease: _Lease) -> None:
         if lease.timer is not None:
             lease.timer.cancel()
-        delay = lease.deadline - self._clock.monotonic()
+        # The same expression as the deadline, so a fake scheduler fires at exactly the deadline.
+        delay = lease.ttl_ms / 1000
         lease.timer = self._sched.call_later(delay, lambda: self._on_deadline(lease))
 
     def _on_deadline(self, lease: _Lease) -> None:
