@@ -7,7 +7,6 @@ import hmac
 
 import pytest
 
-from coherence import tenants as tenants_mod
 from coherence.errors import CoherenceConfigError, Forbidden, QuotaExceeded, Unauthorized
 from coherence.tenants import (
     QuotaDecision,
@@ -69,7 +68,7 @@ def test_every_tenant_digest_is_compared_whatever_matches(monkeypatch: pytest.Mo
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(tenants_mod.hmac, "compare_digest", spy)
+    monkeypatch.setattr(hmac, "compare_digest", spy)
     carol = Tenant("carol", hash_token("carol-secret"))
     reg = TenantRegistry([ALICE, BOB, carol])
     for header in ("Bearer alice-secret", "Bearer carol-secret", "Bearer nobody"):
@@ -102,12 +101,13 @@ def test_tenants_from_toml_tables() -> None:
         }
     )
     assert got == (Tenant("alice", digest, 1 << 30), Tenant("bob", digest[::-1], None))
-    for bad in (
+    bads: list[dict[str, object]] = [
         {"alice": "x"},
         {"alice": {}},
         {"alice": {"token_sha256": digest, "quota": 5}},
         {"alice": {"token_sha256": digest, "quota_bytes": "5"}},
-    ):
+    ]
+    for bad in bads:
         with pytest.raises(CoherenceConfigError):
             tenants_from_config(bad)
 
