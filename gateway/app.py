@@ -79,7 +79,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception as exc:
         mapped = http_error_for(exc)
         if mapped is not None:
-            return json_error(mapped.status, mapped.error, mapped.detail)
+            return json_error(mapped.status, mapped.error, mapped.detail, headers=mapped.headers)
         log.exception("unexpected error on %s %s", request.method, request.path)
         return json_error(500, "internal", "unexpected server error (logged)")
 

@@ -2,21 +2,20 @@
 
 With no tenants configured (the embedded default) everyone is the default tenant, no credentials
 needed. With tenants, :func:`bearer_resolver` maps ``Authorization: Bearer TOKEN`` to the tenant
-whose ``token_sha256`` matches. Handlers only ever call the resolver and
-:meth:`RequestContext.scope`, so quotas, leases or another auth scheme (issue 3) plug in here
-without touching them.
+whose ``token_sha256`` matches (``coherence.tenants`` does the constant-time check). Handlers
+only ever call the resolver and :meth:`RequestContext.scope`, so quotas, leases or another auth
+scheme (issue 3) plug in here without touching them.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from aiohttp import web
 
+from coherence.tenants import Tenant, TenantRegistry
 from gateway.config import TenantConfig
-from gateway.errors import Unauthorized
 from tiers.block import DEFAULT_TENANT, scoped_key
 
 
@@ -40,27 +39,16 @@ async def single_tenant_resolver(request: web.Request) -> RequestContext:
     return DEFAULT_CONTEXT
 
 
-_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="kvgate"'}
-
-
 def bearer_resolver(tenants: Sequence[TenantConfig]) -> ContextResolver:
-    """``Authorization: Bearer TOKEN`` -> the tenant whose ``token_sha256`` is SHA-256(TOKEN)."""
-    by_digest = {
-        t.token_sha256: RequestContext(tenant=t.name, quota_bytes=t.quota_bytes) for t in tenants
+    """``Authorization: Bearer TOKEN`` -> its tenant, via :class:`coherence.tenants.TenantRegistry`
+    (401 without a well-formed bearer token, 403 for a token no tenant has)."""
+    registry = TenantRegistry(Tenant(t.name, t.token_sha256, t.quota_bytes) for t in tenants)
+    contexts = {
+        t.name: RequestContext(tenant=t.name, quota_bytes=t.quota_bytes) for t in registry.tenants
     }
 
     async def resolve(request: web.Request) -> RequestContext:
-        header = request.headers.get("Authorization")
-        if header is None:
-            raise Unauthorized("this server needs Authorization: Bearer TOKEN", headers=_CHALLENGE)
-        scheme, _, token = header.partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            raise Unauthorized("expected Authorization: Bearer TOKEN", headers=_CHALLENGE)
-        ctx = by_digest.get(hashlib.sha256(token.encode("utf-8", "replace")).hexdigest())
-        if ctx is None:
-            raise Unauthorized("unknown bearer token", headers=_CHALLENGE)
-        return ctx
+        return contexts[registry.authenticate(request.headers.get("Authorization")).name]
 
     return resolve
 

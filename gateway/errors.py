@@ -12,10 +12,12 @@ code, so callers can catch what they care about.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 
 from aiohttp import web
 
+from coherence.errors import CoherenceError, LeaseConflict, QuotaExceeded
 from tiers.errors import BlockTooLarge, CorruptBlock, TierClosed, TierIOError
 
 # --------------------------------------------------------------------------- server side
@@ -27,10 +29,21 @@ class GatewayError(Exception):
     status = 500
     error = "internal"
 
-    def __init__(self, detail: str, *, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        detail: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        status: int | None = None,
+        error: str | None = None,
+    ) -> None:
         super().__init__(detail)
         self.detail = detail
         self.headers = dict(headers or {})
+        if status is not None:
+            self.status = status
+        if error is not None:
+            self.error = error
 
 
 class BadRequest(GatewayError):
@@ -135,11 +148,20 @@ def json_error(
 def http_error_for(exc: BaseException) -> GatewayError | None:
     """The HTTP answer for an exception from a lower package; ``None`` for a real bug.
 
-    The whole mapping lives here; issue 3 adds the ``coherence`` tree (lease held -> 409,
-    stale token -> 409, quota -> 507, bad token -> 401/403) next to the ``tiers`` one.
+    The whole mapping lives here. ``coherence`` errors carry their own status and code (lease
+    held or stale token -> 409, unknown lease -> 404, quota -> 507, no/bad token -> 401/403).
     """
     if isinstance(exc, GatewayError):
         return exc
+    if isinstance(exc, CoherenceError):
+        if exc.http_status >= 500 and not isinstance(exc, QuotaExceeded):
+            return None  # misuse inside coherence: a bug, logged and answered 500
+        headers: dict[str, str] = {}
+        if exc.http_status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="kvgate"'
+        if isinstance(exc, LeaseConflict):
+            headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_ms / 1000)))
+        return GatewayError(exc.detail, headers=headers, status=exc.http_status, error=exc.code)
     if isinstance(exc, BlockTooLarge):
         return PayloadTooLarge(str(exc) or "the block can never fit any tier")
     if isinstance(exc, CorruptBlock):

@@ -21,15 +21,24 @@ TENANTS = (tenant("alice", "alice-token"), tenant("bob", "bob-token"))
 
 async def test_v1_calls_need_a_known_bearer_token(tmp_path: Path) -> None:
     async with running_gateway(tmp_path, tenants=TENANTS) as gw, aiohttp.ClientSession() as http:
-        for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic eA=="}):
+        cases = [
+            ({}, 401, "unauthorized"),
+            ({"Authorization": "Basic eA=="}, 401, "unauthorized"),
+            ({"Authorization": "Bearer"}, 401, "unauthorized"),
+            ({"Authorization": "Bearer nope"}, 403, "forbidden"),
+        ]
+        for headers, status, error in cases:
             async with http.get(gw.block_url("k"), headers=headers) as resp:
-                assert resp.status == 401
-                assert resp.headers["WWW-Authenticate"].startswith("Bearer")
-                assert (await resp.json())["error"] == "unauthorized"
+                assert resp.status == status
+                assert (await resp.json())["error"] == error
+                if status == 401:
+                    assert resp.headers["WWW-Authenticate"].startswith("Bearer")
             async with http.put(gw.block_url("k"), data=b"x", headers=headers) as resp:
-                assert resp.status == 401
+                assert resp.status == status
+            async with http.post(f"{gw.url}/v1/lookup", json={"keys": []}, headers=headers) as r:
+                assert r.status == status
             async with http.get(f"{gw.url}/v1/stats", headers=headers) as resp:
-                assert resp.status == 401
+                assert resp.status == status
         for path in ("/healthz", "/readyz", "/openapi.json", "/metrics"):
             async with http.get(f"{gw.url}{path}") as resp:
                 assert resp.status == 200
