@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import platform
 import sys
 from importlib import metadata
@@ -84,14 +85,12 @@ def known_targets() -> list[str]:
 
 
 def environment() -> dict[str, Any]:
-    versions = {}
+    versions: dict[str, str | None] = {}
     for dist in ("aiohttp", "redis", "numpy", "matplotlib", "mooncake-transfer-engine-non-cuda"):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             versions[dist] = None
-    import os
-
     return {
         "python": sys.version.split()[0],
         "platform": platform.platform(),

@@ -92,9 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8099)
     parser.add_argument("--max-bytes", type=parse_size, default=parse_size("1GiB"))
     args = parser.parse_args(argv)
-    web.run_app(
-        make_app(max_bytes=args.max_bytes), host=args.host, port=args.port, print=None
-    )
+    web.run_app(make_app(max_bytes=args.max_bytes), host=args.host, port=args.port, print=None)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ async def open_targets(
         except (ServerStartError, TargetError, OSError) as exc:
             if not skip_unavailable:
                 raise
-            skipped[name] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            skipped[name] = str(exc) or type(exc).__name__
             print(f"skipping target {name}: {skipped[name]}", file=log, flush=True)
     return opened, skipped
 

@@ -83,6 +83,7 @@ class RunResult:
     by_op: dict[str, dict[str, float]]
     by_tier: dict[str, dict[str, float]]
     cdf_ms: dict[str, list[float]]
+    """"op@tier" -> latency (ms) at each of CDF_POINTS percentiles."""
     outcomes: dict[str, int]
     error_samples: dict[str, int]
     timeline: list[dict[str, float]]
@@ -114,10 +115,12 @@ def summarize(
 
     timeline: list[dict[str, float]] = []
     if ends.size:
-        seconds = np.minimum(ends.astype(np.int64), max(int(np.ceil(duration)) - 1, 0))
-        for sec in range(int(seconds.max()) + 1):
+        # Whole seconds only: the tail of in-flight operations joins the last one.
+        buckets = max(int(duration), 1)
+        seconds = np.minimum(ends.astype(np.int64), buckets - 1)
+        for sec in range(buckets):
             mask = seconds == sec
-            span = min(1.0, duration - sec)
+            span = 1.0 if sec < buckets - 1 else max(duration - sec, 1e-9)
             chosen = lat[mask] * 1000.0
             timeline.append(
                 {
@@ -131,9 +134,11 @@ def summarize(
 
     by_op: dict[str, list[float]] = collections.defaultdict(list)
     by_tier: dict[str, list[float]] = collections.defaultdict(list)
+    by_op_tier: dict[str, list[float]] = {}
     for (op, tier), values in rec.by_key.items():
         by_op[op].extend(values)
         by_tier[tier].extend(values)
+        by_op_tier[f"{op}@{tier}"] = values
 
     return RunResult(
         scenario=scenario,
@@ -149,8 +154,8 @@ def summarize(
         by_op={op: _percentiles_ms(v) for op, v in sorted(by_op.items())},
         by_tier={tier: _percentiles_ms(v) for tier, v in sorted(by_tier.items())},
         cdf_ms={
-            tier: [round(float(x), 4) for x in np.percentile(np.asarray(v) * 1000.0, CDF_POINTS)]
-            for tier, v in sorted(by_tier.items())
+            key: [round(float(x), 4) for x in np.percentile(np.asarray(v) * 1000.0, CDF_POINTS)]
+            for key, v in sorted(by_op_tier.items())
         },
         outcomes=dict(sorted(rec.outcomes.items())),
         error_samples=dict(rec.errors.most_common(5)),

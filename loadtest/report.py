@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 from collections import defaultdict
@@ -82,7 +83,10 @@ def markdown(results: Sequence[RunResult], meta: dict[str, Any]) -> str:
                 f"{', '.join(v['tiers'])} |"
             )
         if scenario in rat:
-            lines += ["", "Ratios: " + ", ".join(f"{k} = {x:.2f}" for k, x in rat[scenario].items())]
+            lines += [
+                "",
+                "Ratios: " + ", ".join(f"{k} = {x:.2f}" for k, x in rat[scenario].items()),
+            ]
         lines.append("")
     return "\n".join(lines)
 
@@ -121,7 +125,9 @@ def plot(results: Sequence[RunResult], outdir: Path) -> list[Path]:
             color = colors.setdefault(r.target, cycle[len(colors) % len(cycle)])
             xs = [p["t"] for p in r.timeline]
             ys = [p["gbps"] if use_bytes else p["ops"] for p in r.timeline]
-            label = r.target if r.round == min(x.round for x in runs if x.target == r.target) else None
+            label = (
+                r.target if r.round == min(x.round for x in runs if x.target == r.target) else None
+            )
             ax.plot(xs, ys, color=color, alpha=0.8, marker=".", label=label)
         ax.set_xlabel("seconds into the run (one line per round)")
         ax.set_ylabel("GB/s" if use_bytes else "ops/s")
@@ -139,11 +145,13 @@ def plot(results: Sequence[RunResult], outdir: Path) -> list[Path]:
         seen: set[str] = set()
         fractions = [p / 100.0 for p in CDF_POINTS]
         for r in runs:
-            for tier, points in r.cdf_ms.items():
-                name = r.target if tier == r.target else f"{r.target}/{tier}"
+            for op_tier, points in r.cdf_ms.items():
+                op, _, tier = op_tier.partition("@")
+                name = f"{r.target} {op}" if tier == r.target else f"{r.target} {op}@{tier}"
                 color = colors.setdefault(name, cycle[len(colors) % len(cycle)])
-                ax.plot(points, fractions, color=color, alpha=0.8,
-                        label=None if name in seen else name)
+                ax.plot(
+                    points, fractions, color=color, alpha=0.8, label=None if name in seen else name
+                )
                 seen.add(name)
         ax.set_xscale("log")
         ax.set_xlabel("latency (ms, log scale)")
@@ -174,9 +182,7 @@ def write(
     paths[0].write_text(json.dumps(doc, indent=1))
     paths[1].write_text(markdown(results, meta))
     if plots:
-        try:
+        # matplotlib is a benchmark extra; JSON and markdown stand on their own.
+        with contextlib.suppress(ImportError):
             paths += plot(results, outdir)
-        except ImportError:
-            # matplotlib is a benchmark extra; JSON and markdown stand on their own.
-            pass
     return paths

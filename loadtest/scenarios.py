@@ -77,6 +77,9 @@ async def _load(target: Target, keys: list[str], payloads: Payloads, *, parallel
 
 
 class _Base:
+    name: ClassVar[str]
+    summary: ClassVar[str]
+
     def __init__(self, params: Params) -> None:
         self.params = params
         self.payloads = Payloads(params.block_size, seed=params.seed)
@@ -88,6 +91,9 @@ class _Base:
 
     async def prepare(self, target: Target) -> None:
         await _load(target, self.keys, self.payloads)
+
+    async def op(self, target: Target, worker: int, rec: Recorder) -> None:
+        raise NotImplementedError
 
     async def _read(self, target: Target, rec: Recorder) -> None:
         i = self.rng.randrange(len(self.keys))
@@ -197,7 +203,10 @@ class LeaseContention(_Base):
             status = await target.put_leased(key, self.payloads.for_index(gen), token=answer.token)
             ok = status in (PutStatus.STORED, PutStatus.EXISTS)
             rec.record(
-                "leased-put", target.name, started, self.params.block_size if ok else 0,
+                "leased-put",
+                target.name,
+                started,
+                self.params.block_size if ok else 0,
                 status.value,
             )
             if ok:
@@ -212,14 +221,11 @@ class LeaseContention(_Base):
             return
         started = rec.clock()
         result = await target.get_waiting(key, wait_ms=self.params.lease_ttl_ms)
-        got = result.value is not None
-        rec.record(
-            "wait-get", result.tier, started, len(result.value) if got else 0,
-            "served" if got else "miss",
-        )
+        size = 0 if result.value is None else len(result.value)
+        rec.record("wait-get", result.tier, started, size, "served" if size else "miss")
 
 
-SCENARIOS: dict[str, type[HotGet | Put | Mixed | LookupStorm | LeaseContention]] = {
+SCENARIOS: dict[str, type[_Base]] = {
     cls.name: cls for cls in (HotGet, Put, Mixed, LookupStorm, LeaseContention)
 }
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import AsyncContextManager, Literal
+from typing import Literal
 
 from loadtest import procs
 from loadtest.targets.base import (
@@ -23,12 +24,13 @@ from loadtest.targets.base import (
     Target,
     TargetError,
 )
-from loadtest.targets.http import HttpTarget
+from loadtest.targets.http import HttpTarget, KvgateTarget
 
 __all__ = [
     "OPENERS",
     "GetResult",
     "HttpTarget",
+    "KvgateTarget",
     "Lease",
     "LeaseRefusal",
     "PutStatus",
@@ -56,12 +58,14 @@ class TargetOptions:
     remote: a separate mooncake_client process holds it and every byte crosses TCP."""
 
 
-Opener = Callable[[TargetOptions], AsyncContextManager[Target]]
+Opener = Callable[[TargetOptions], AbstractAsyncContextManager[Target]]
 
 
 @contextlib.asynccontextmanager
-async def _http(name: str, url: str, options: TargetOptions) -> AsyncIterator[Target]:
-    target = HttpTarget(name, url, concurrency=options.concurrency)
+async def _http(
+    cls: type[HttpTarget], name: str, url: str, options: TargetOptions
+) -> AsyncIterator[Target]:
+    target = cls(name, url, concurrency=options.concurrency)
     try:
         yield target
     finally:
@@ -71,19 +75,21 @@ async def _http(name: str, url: str, options: TargetOptions) -> AsyncIterator[Ta
 @contextlib.asynccontextmanager
 async def _open_kvgate(options: TargetOptions) -> AsyncIterator[Target]:
     async with contextlib.AsyncExitStack() as stack:
-        url = options.url or await stack.enter_async_context(
-            procs.kvgate_server(sizes=options.kvgate_sizes, extra_args=options.kvgate_args)
-        )
-        yield await stack.enter_async_context(_http("kvgate", url, options))
+        url = options.url
+        if url is None:
+            url = await stack.enter_async_context(
+                procs.kvgate_server(sizes=options.kvgate_sizes, extra_args=options.kvgate_args)
+            )
+        yield await stack.enter_async_context(_http(KvgateTarget, "kvgate", url, options))
 
 
 @contextlib.asynccontextmanager
 async def _open_dict(options: TargetOptions) -> AsyncIterator[Target]:
     async with contextlib.AsyncExitStack() as stack:
-        url = options.url or await stack.enter_async_context(
-            procs.dict_server(max_bytes=options.peer_bytes)
-        )
-        yield await stack.enter_async_context(_http("dict", url, options))
+        url = options.url
+        if url is None:
+            url = await stack.enter_async_context(procs.dict_server(max_bytes=options.peer_bytes))
+        yield await stack.enter_async_context(_http(HttpTarget, "dict", url, options))
 
 
 @contextlib.asynccontextmanager
@@ -91,9 +97,9 @@ async def _open_redis(options: TargetOptions) -> AsyncIterator[Target]:
     from loadtest.targets.redis_target import RedisTarget
 
     async with contextlib.AsyncExitStack() as stack:
-        url = options.url or await stack.enter_async_context(
-            procs.redis_server(max_bytes=options.peer_bytes)
-        )
+        url = options.url
+        if url is None:
+            url = await stack.enter_async_context(procs.redis_server(max_bytes=options.peer_bytes))
         target = RedisTarget(url, concurrency=options.concurrency)
         stack.push_async_callback(target.close)
         yield target
@@ -137,7 +143,7 @@ OPENERS: dict[str, Opener] = {
 }
 
 
-def open_target(name: str, options: TargetOptions) -> AsyncContextManager[Target]:
+def open_target(name: str, options: TargetOptions) -> AbstractAsyncContextManager[Target]:
     try:
         opener = OPENERS[name]
     except KeyError:

@@ -18,7 +18,8 @@ _PUT_STATUS = {
 
 
 class HttpTarget:
-    """A kvgate-compatible REST server. Construct inside a running event loop."""
+    """The block subset of kvgate's REST API (PUT/GET blocks, lookup), which the dict ceiling
+    server speaks too. Construct inside a running event loop."""
 
     def __init__(
         self,
@@ -47,9 +48,6 @@ class HttpTarget:
     async def put(self, key: str, value: bytes) -> PutStatus:
         return await self._put(key, value, self._octet)
 
-    async def put_leased(self, key: str, value: bytes, *, token: str) -> PutStatus:
-        return await self._put(key, value, {**self._octet, "X-KV-Lease-Token": token})
-
     async def _put(self, key: str, value: bytes, headers: dict[str, str]) -> PutStatus:
         async with self._session.put(self._blocks + key, data=value, headers=headers) as resp:
             await resp.read()
@@ -60,9 +58,6 @@ class HttpTarget:
 
     async def get(self, key: str) -> GetResult:
         return await self._get(self._blocks + key)
-
-    async def get_waiting(self, key: str, *, wait_ms: int) -> GetResult:
-        return await self._get(f"{self._blocks}{key}?wait_ms={wait_ms}")
 
     async def _get(self, url: str) -> GetResult:
         async with self._session.get(url) as resp:
@@ -84,6 +79,19 @@ class HttpTarget:
             hits: int = json.loads(body)["prefix_hits"]
             return hits
 
+    async def close(self) -> None:
+        await self._session.close()
+
+
+class KvgateTarget(HttpTarget):
+    """kvgate itself: the block API plus leases and waiting reads."""
+
+    async def put_leased(self, key: str, value: bytes, *, token: str) -> PutStatus:
+        return await self._put(key, value, {**self._octet, "X-KV-Lease-Token": token})
+
+    async def get_waiting(self, key: str, *, wait_ms: int) -> GetResult:
+        return await self._get(f"{self._blocks}{key}?wait_ms={wait_ms}")
+
     async def acquire_lease(self, key: str, *, ttl_ms: int) -> Lease | LeaseRefusal:
         payload = json.dumps({"key": key, "ttl_ms": ttl_ms})
         async with self._session.post(
@@ -102,6 +110,3 @@ class HttpTarget:
     async def release_lease(self, lease_id: str) -> None:
         async with self._session.delete(f"{self._base}/v1/leases/{lease_id}") as resp:
             await resp.read()
-
-    async def close(self) -> None:
-        await self._session.close()

@@ -23,7 +23,9 @@ class RedisTarget:
         return PutStatus.STORED if stored else PutStatus.EXISTS
 
     async def get(self, key: str) -> GetResult:
-        value: bytes | None = await self._redis.get(key)
+        value = await self._redis.get(key)
+        # The client is made without decode_responses, so values come back as bytes.
+        assert value is None or isinstance(value, bytes)
         return GetResult(value, self.name)
 
     async def lookup(self, keys: Sequence[str]) -> int:
