@@ -2,7 +2,8 @@
 
 It speaks the subset of kvgate's REST API the scenarios use (PUT/GET/HEAD/DELETE a block,
 POST /v1/lookup), so the same HTTP client drives both and the ratio kvgate/dict isolates what
-kvgate adds on top of aiohttp itself. Memory is bounded FIFO-style by ``--max-bytes``.
+kvgate adds on top of aiohttp itself. Memory is bounded LRU-style by ``--max-bytes`` (like
+the redis peer's allkeys-lru).
 
     python -m loadtest.dict_server --port 8099 [--max-bytes 1GiB]
 """
@@ -23,9 +24,12 @@ USED = web.AppKey("used", list[int])
 
 
 async def get_block(request: web.Request) -> web.StreamResponse:
-    value = request.app[STORE].get(request.match_info["key"])
+    store = request.app[STORE]
+    key = request.match_info["key"]
+    value = store.get(key)
     if value is None:
         raise web.HTTPNotFound()
+    store.move_to_end(key)
     if request.method == "HEAD":
         return web.Response(headers={"Content-Length": str(len(value)), "X-KV-Tier": "dict"})
     return web.Response(body=value, headers={"X-KV-Tier": "dict"})

@@ -25,6 +25,12 @@ def _byte_scenario(results: Sequence[RunResult]) -> bool:
     return any(r.bytes > 0 for r in results)
 
 
+def _hit_ratio(runs: Sequence[RunResult]) -> float | None:
+    hits = sum(r.outcomes.get("get:hit", 0) for r in runs)
+    misses = sum(r.outcomes.get("get:miss", 0) for r in runs)
+    return round(hits / (hits + misses), 4) if hits + misses else None
+
+
 def aggregate(results: Sequence[RunResult]) -> dict[str, dict[str, dict[str, Any]]]:
     """scenario -> target -> medians over its rounds."""
     grouped: dict[str, dict[str, list[RunResult]]] = defaultdict(lambda: defaultdict(list))
@@ -42,6 +48,7 @@ def aggregate(results: Sequence[RunResult]) -> dict[str, dict[str, dict[str, Any
                 "p50_ms": statistics.median(r.latency_ms.get("p50", 0.0) for r in runs),
                 "p99_ms": statistics.median(r.latency_ms.get("p99", 0.0) for r in runs),
                 "errors": sum(r.errors for r in runs),
+                "get_hit_ratio": _hit_ratio(runs),
                 "tiers": sorted({t for r in runs for t in r.by_tier}),
             }
     return out
@@ -71,15 +78,17 @@ def markdown(results: Sequence[RunResult], meta: dict[str, Any]) -> str:
         lines += [
             f"## {scenario}",
             "",
-            "| target | rounds | GB/s (median) | GB/s per round | ops/s | p50 ms | p99 ms | errors "
-            "| tiers |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| target | rounds | GB/s (median) | GB/s per round | ops/s | p50 ms | p99 ms "
+            "| GET hits | errors | tiers |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for target, v in by_target.items():
             per_round = ", ".join(f"{x:.3f}" for x in v["gbps_rounds"])
+            hits = "" if v["get_hit_ratio"] is None else f"{100 * v['get_hit_ratio']:.1f}%"
             lines.append(
                 f"| {target} | {v['rounds']} | {v['gbps']:.3f} | {per_round} | "
-                f"{v['ops_per_s']:.0f} | {v['p50_ms']:.3f} | {v['p99_ms']:.3f} | {v['errors']} | "
+                f"{v['ops_per_s']:.0f} | {v['p50_ms']:.3f} | {v['p99_ms']:.3f} | {hits} | "
+                f"{v['errors']} | "
                 f"{', '.join(v['tiers'])} |"
             )
         if scenario in rat:
