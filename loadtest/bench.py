@@ -125,8 +125,11 @@ async def bench(args: argparse.Namespace) -> int:
         print(line)
     for name, why in skipped.items():
         print(f"skipped {name}: {why.splitlines()[0]}")
+    issues = report.problems(results)
+    for issue in issues:
+        print(f"warning: {issue}")
     print(f"results: {paths[0].parent}")
-    return 0
+    return 1 if any(r.ops == 0 for r in results) else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,8 +48,10 @@ async def run_scenario(
     deadline = rec.start_at + load.duration_s
     tickets = itertools.count() if load.requests is not None else None
     stop = asyncio.Event()
+    gave_up = 0
 
     async def worker(index: int) -> None:
+        nonlocal gave_up
         failures = 0
         while not stop.is_set() and rec.clock() < deadline:
             # Warm-up operations are not counted against the request budget.
@@ -65,6 +67,7 @@ async def run_scenario(
                 rec.error(scenario.name, exc)
                 failures += 1
                 if failures >= _MAX_CONSECUTIVE_ERRORS:
+                    gave_up += 1
                     return
 
     name = label or f"{scenario.name}@{target.name}"
@@ -79,7 +82,7 @@ async def run_scenario(
     # Operations in flight at the deadline still count, so the span runs until they finish.
     stopped = rec.clock()
     run_params = {**asdict(params), **asdict(load)}
-    return summarize(
+    result = summarize(
         rec,
         scenario=scenario.name,
         target=target.name,
@@ -87,6 +90,8 @@ async def run_scenario(
         stopped_at=stopped,
         round_no=round_no,
     )
+    result.extra["workers_gave_up"] = gave_up
+    return result
 
 
 async def _report(rec: Recorder, name: str, out: TextIO) -> None:

@@ -59,8 +59,8 @@ class Recorder:
         self.outcomes[f"{op}:{outcome}"] += 1
 
     def error(self, op: str, exc: BaseException) -> None:
-        if self.clock() >= self.start_at:
-            self.errors[f"{op}:{type(exc).__name__}: {exc}"[:200]] += 1
+        # Counted during warm-up too: a target that fails from the start must not look idle.
+        self.errors[f"{op}:{type(exc).__name__}: {exc}"[:200]] += 1
 
     def window(self, since: int) -> tuple[int, int, list[float]]:
         """(ops, bytes, latencies) recorded from index ``since`` on, for the progress line."""

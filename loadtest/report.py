@@ -195,3 +195,17 @@ def write(
         with contextlib.suppress(ImportError):
             paths += plot(results, outdir)
     return paths
+
+
+def problems(results: Sequence[RunResult]) -> list[str]:
+    """Runs that measured nothing, or whose workers stopped on errors: the numbers are void."""
+    out = []
+    for r in results:
+        label = f"{r.scenario}@{r.target} round {r.round + 1}"
+        if r.ops == 0:
+            out.append(f"{label}: no operation completed ({r.errors} errors)")
+        elif r.extra.get("workers_gave_up"):
+            out.append(f"{label}: {r.extra['workers_gave_up']} workers stopped on errors")
+        for sample, count in r.error_samples.items():
+            out.append(f"{label}: {count} x {sample}")
+    return out

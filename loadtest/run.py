@@ -130,7 +130,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     paths = report.write(results, outdir, meta=meta, plots=not args.no_plots)
     for line in report.ratio_lines(results):
         print(line)
-    return {"results": str(paths[0]), "summary": report.aggregate(results)}
+    issues = report.problems(results)
+    for issue in issues:
+        print(f"warning: {issue}", file=sys.stderr)
+    return {
+        "results": str(paths[0]),
+        "summary": report.aggregate(results),
+        "ok": not any(r.ops == 0 for r in results),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = asyncio.run(run(args))
     print(json.dumps(out))
-    return 0
+    return 0 if out["ok"] else 1
 
 
 if __name__ == "__main__":

@@ -216,3 +216,19 @@ def test_sizes_round_trip(text: str, n: int) -> None:
 def test_bad_size_is_refused() -> None:
     with pytest.raises(ValueError, match="not a size"):
         parse_size("12 parsecs")
+
+
+def test_a_dead_target_fails_the_run_loudly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from loadtest.procs import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    argv = ["put", "--target", "kvgate", "--url", url, "--duration", "0.3", "--warmup", "0.2"]
+    argv += ["--quiet", "--no-plots", "--out", str(tmp_path)]
+    assert run_main(argv) == 1
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.strip().splitlines()[-1])["ok"] is False
+    assert "no operation completed" in captured.err
+    (run,) = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert run["ops"] == 0 and run["errors"] > 0
