@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
+from pathlib import Path
+
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
@@ -26,6 +28,7 @@ from gateway.errors import (
     http_error_for,
     json_error,
 )
+from gateway import shm
 from gateway.handlers import Handlers
 from gateway.state import STATE, GatewayState
 from tiers.clock import SYSTEM_CLOCK, Clock
@@ -53,6 +56,7 @@ def tier_settings(config: GatewayConfig) -> TierSettings:
         disk_policy=config.disk_policy,
         write_through=config.write_through,
         disk_compression_level=config.disk_compression_level,
+        shm_dir=Path(config.shm_dir) if config.shm else None,
     )
 
 
@@ -132,6 +136,8 @@ def create_app(
 
     app.cleanup_ctx.append(tiers_ctx)
     add_routes(app, Handlers(state))
+    if config.shm:
+        shm.install(app)  # the same-host data plane: /v1/shm/*
     return app
 
 

@@ -18,6 +18,7 @@ EXIT_USAGE = 2
 
 # flag dest -> config field; every flag defaults to None so an unset flag overrides nothing.
 _FLAG_FIELDS = (
+    "shm",
     "host",
     "port",
     "data_dir",
@@ -67,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="also write every block to disk at PUT time",
+    )
+    serve.add_argument(
+        "--shm",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="same-host shared-memory data plane (on by default)",
     )
     serve.add_argument("--disk-compression-level", metavar="N", help="zstd level (3)")
     serve.add_argument("--shutdown-timeout-s", metavar="S", help="graceful shutdown budget")

@@ -107,6 +107,14 @@ class GatewayConfig:
     remote: str | None = None
     shutdown_timeout_s: float = 10.0
     log_level: str = "INFO"
+    shm: bool = True
+    """Same-host data plane: CPU arenas in shared memory under ``shm_dir`` + /v1/shm/*."""
+    shm_dir: str = "/dev/shm"
+    shm_staging_bytes: int = 64 * MiB
+    """Per attached client: the segment it writes PUTs into and reads non-arena blocks from."""
+    shm_lease_ms: int = 5_000
+    """How long a shared-memory read stays pinned unless released first (the longest allowed is
+    six times this)."""
     tenants: tuple[TenantConfig, ...] = field(default=())
 
     @property
@@ -115,12 +123,20 @@ class GatewayConfig:
 
 
 _SIZE_FIELDS = frozenset(
-    {"hbm_bytes", "dram_bytes", "disk_bytes", "max_block_bytes", "max_batch_bytes", "page_bytes"}
+    {
+        "hbm_bytes",
+        "dram_bytes",
+        "disk_bytes",
+        "max_block_bytes",
+        "max_batch_bytes",
+        "page_bytes",
+        "shm_staging_bytes",
+    }
 )
-_INT_FIELDS = frozenset({"port", "max_batch_keys", "disk_compression_level"})
+_INT_FIELDS = frozenset({"port", "max_batch_keys", "disk_compression_level", "shm_lease_ms"})
 _FLOAT_FIELDS = frozenset({"shutdown_timeout_s"})
-_BOOL_FIELDS = frozenset({"write_through"})
-_STR_FIELDS = frozenset({"host", "hbm_policy", "dram_policy", "disk_policy", "log_level"})
+_BOOL_FIELDS = frozenset({"write_through", "shm"})
+_STR_FIELDS = frozenset({"host", "hbm_policy", "dram_policy", "disk_policy", "log_level", "shm_dir"})
 SETTABLE_FIELDS: tuple[str, ...] = tuple(
     f.name for f in dataclasses.fields(GatewayConfig) if f.name != "tenants"
 )
@@ -275,6 +291,10 @@ def validate(config: GatewayConfig) -> None:
         raise ConfigError("max_batch_bytes: must be at least max_block_bytes")
     if config.max_batch_keys < 1:
         raise ConfigError("max_batch_keys: must be at least 1")
+    if not 1 <= config.shm_lease_ms <= 600_000:
+        raise ConfigError("shm_lease_ms: expected 1..600000 milliseconds")
+    if config.shm_staging_bytes < config.page_bytes:
+        raise ConfigError("shm_staging_bytes: must hold at least one page")
     if config.disk_bytes < 1:
         raise ConfigError("disk_bytes: the disk tier needs a budget")
     if not 1 <= config.disk_compression_level <= 22:

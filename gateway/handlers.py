@@ -1,7 +1,8 @@
 """Route handlers of REST API v1.
 
-The block GET path is the hot one: a precompiled regex, one resolver call, one hierarchy call and
-a ``web.Response`` over the block's own buffer (no copy, no JSON). Failures raise
+The block GET path is the hot one: a precompiled regex, one resolver call, one hierarchy call,
+and the block's pages written from the arena straight to the socket while they are pinned against
+reuse (:func:`send_pinned`; no copy out of the arena, no JSON). Failures raise
 :mod:`gateway.errors` types; the error middleware renders them.
 """
 
@@ -11,6 +12,7 @@ import asyncio
 import json
 import math
 import re
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,7 +37,7 @@ from gateway.openapi import spec_bytes
 from gateway.state import GatewayState
 from tiers.base import TierStats
 from tiers.block import Block
-from tiers.hierarchy import StoreOutcome
+from tiers.hierarchy import Hierarchy, StoreOutcome
 
 KEY_RE = re.compile(r"[A-Za-z0-9._:@-]{1,512}")
 _DTYPE_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
@@ -63,6 +65,35 @@ MAX_LOOKUP_KEYS = 65_536
 
 _OCTET = "application/octet-stream"
 _JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+# asyncio's selector transport copies what a write() cannot send at once into its own buffer
+# before Python 3.12; from 3.12 it keeps a reference to the caller's memoryview until sent.
+_TRANSPORT_KEEPS_VIEWS = sys.version_info >= (3, 12)
+
+
+async def send_pinned(
+    request: web.Request, views: list[memoryview], size: int, headers: dict[str, str]
+) -> web.StreamResponse:
+    """Write a pinned block's views to the socket; when this returns, the transport no longer
+    needs them (the caller may release the pin)."""
+    response = web.StreamResponse(headers=headers)
+    response.content_length = size
+    if _TRANSPORT_KEEPS_VIEWS and request.transport is not None:
+        # Pause on any backlog, so each write's drain waits until the views are really sent.
+        request.transport.set_write_buffer_limits(high=0)
+    await response.prepare(request)
+    # aiohttp sends the headers together with the first body write by joining the two (a copy
+    # of the whole body); a 1-byte first write keeps that join tiny, and the rest of the block
+    # goes to the transport as the arena's own memoryview.
+    first = views[0]
+    if len(first) > 1:
+        await response.write(first[:1])
+        views = [first[1:], *views[1:]]
+    for view in views:
+        await response.write(view)
+    await response.write_eof()
+    return response
 
 
 def check_key(key: str) -> str:
@@ -195,7 +226,35 @@ class Handlers:
         if request.query_string:
             # The lease wait (issue 3) plugs in here; until then there is never a write to wait on.
             parse_wait_ms(request)
-        hit = await state.store.get(ctx.scope(key))
+        store = state.store
+        if request.method == "HEAD":
+            return await self._head_block(request, store, ctx.scope(key), key)
+        pinned = await store.get_pinned(ctx.scope(key))
+        if pinned is None:
+            raise NotFound(f"no block {key!r}")
+        block = pinned.block
+        try:
+            meta = block.meta
+            etag = meta.etag
+            inm = request.headers.get("If-None-Match")
+            if inm is not None and etag_matches(inm, etag):
+                return web.Response(status=304, headers={"ETag": etag, "X-KV-Tier": pinned.tier})
+            headers = {"Content-Type": _OCTET, "ETag": etag, "X-KV-Tier": pinned.tier}
+            views = block.views()
+            if views is None or meta.size == 0:
+                # Not host-addressable (HBM on a GPU): one copy to the host.
+                hit = await store.get(ctx.scope(key))
+                if hit is None:
+                    raise NotFound(f"no block {key!r}")
+                return web.Response(body=hit.block.data, headers=headers)
+            return await send_pinned(request, views, meta.size, headers)
+        finally:
+            block.release()
+
+    async def _head_block(
+        self, request: web.Request, store: Hierarchy, scoped: str, key: str
+    ) -> web.Response:
+        hit = await store.get(scoped)
         if hit is None:
             raise NotFound(f"no block {key!r}")
         etag = hit.block.meta.etag

@@ -9,10 +9,11 @@ it for a victim, then moves the block down with :meth:`Tier.evict`). A backend f
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from tiers.block import Block
+from tiers.block import Block, BlockMeta
+from tiers.shmseg import SegmentInfo
 
 
 class PutOutcome(enum.Enum):
@@ -83,3 +84,72 @@ class Tier(Protocol):
     def stats(self) -> TierStats: ...
 
     async def close(self) -> None: ...
+
+
+# -- pinned reads (zero-copy HTTP GET, shared-memory descriptors) ----------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a pinned block's bytes lie in a shared segment: ``(offset, length)`` runs, in order."""
+
+    segment: str
+    runs: tuple[tuple[int, int], ...]
+
+
+@runtime_checkable
+class PinnedBlock(Protocol):
+    """A block whose bytes stay put (not freed, not reused) until :meth:`release`.
+
+    A reader writes :meth:`views` to a socket or hands :meth:`placement` to a same-host client,
+    then releases. ``release`` is idempotent.
+    """
+
+    meta: BlockMeta
+
+    def views(self) -> list[memoryview] | None:
+        """Host memoryviews over the bytes, in order; ``None`` when not host-addressable (HBM)."""
+        ...
+
+    def placement(self) -> Placement | None:
+        """The bytes' place in a shared segment, or ``None`` when they are not in one."""
+        ...
+
+    def release(self) -> None: ...
+
+
+@runtime_checkable
+class PinnableTier(Protocol):
+    """A tier that can lend its own storage out for a while instead of copying a block."""
+
+    def pin(self, key: str) -> PinnedBlock | None:
+        """Pin ``key``'s storage (a hit), or ``None`` on a miss. Deleting or evicting a pinned
+        block removes it at once, but its storage is reused only after the last release."""
+        ...
+
+
+@runtime_checkable
+class SharedTier(Protocol):
+    """A tier whose storage same-host clients can map (a shared file, or CUDA IPC for HBM)."""
+
+    def shared_segment(self) -> SegmentInfo | None: ...
+
+
+@dataclass(slots=True)
+class HeldBlock:
+    """A :class:`PinnedBlock` over bytes the caller already owns (a copy): nothing to release."""
+
+    block: Block
+    meta: BlockMeta = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.meta = self.block.meta
+
+    def views(self) -> list[memoryview] | None:
+        return [memoryview(self.block.data)]
+
+    def placement(self) -> Placement | None:
+        return None
+
+    def release(self) -> None:
+        return None

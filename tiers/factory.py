@@ -28,6 +28,8 @@ class TierSettings:
     disk_compression_level: int = 3
     promote_on_hit: bool = True
     spill_on_close: bool = True
+    shm_dir: Path | None = None
+    """Put the CPU arenas in shared memory there (same-host clients map them); None: private."""
 
 
 async def build_hierarchy(
@@ -47,9 +49,14 @@ async def build_hierarchy(
         level=settings.disk_compression_level,
         clock=clock,
     )
+    arena_kwargs: dict[str, object] = {
+        "page_bytes": settings.page_bytes,
+        "executor": executor,
+        "shm_dir": settings.shm_dir,
+    }
     tiers: list[Tier] = [
-        ArenaTier.hbm(settings.hbm_bytes, page_bytes=settings.page_bytes, executor=executor),
-        ArenaTier.dram(settings.dram_bytes, page_bytes=settings.page_bytes, executor=executor),
+        ArenaTier.hbm(settings.hbm_bytes, **arena_kwargs),
+        ArenaTier.dram(settings.dram_bytes, **arena_kwargs),
         disk,
     ]
     hierarchy = Hierarchy(

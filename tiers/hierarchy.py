@@ -21,7 +21,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tiers.base import PutOutcome, Tier, TierStats
+from tiers.base import HeldBlock, PinnableTier, PinnedBlock, PutOutcome, Tier, TierStats
 from tiers.block import Block, split_key
 from tiers.clock import SYSTEM_CLOCK, Clock
 from tiers.errors import TierConfigError, TierError
@@ -40,6 +40,14 @@ class StoreOutcome(enum.Enum):
 @dataclass(frozen=True, slots=True)
 class Hit:
     block: Block
+    tier: str
+
+
+@dataclass(frozen=True, slots=True)
+class PinnedHit:
+    """A hit whose bytes are lent, not copied: call ``block.release()`` when done with them."""
+
+    block: PinnedBlock
     tier: str
 
 
@@ -181,6 +189,31 @@ class Hierarchy:
         if idx > 0 and self._config.promote_on_hit:
             self._spawn(self._promote(key, block))
         return Hit(block, tier.name)
+
+    async def get_pinned(self, key: str) -> PinnedHit | None:
+        """As :meth:`get`, but a block in a pinnable tier (the arenas) is lent, not copied: its
+        storage is not reused until the caller releases it. Other hits come back as copies."""
+        loc = self._index.get(key)
+        tier = None if loc is None or key in self._moving else self._tiers[loc.tier]
+        if loc is None or tier is None or not isinstance(tier, PinnableTier) or self._expired(loc):
+            hit = await self.get(key)
+            return None if hit is None else PinnedHit(HeldBlock(hit.block), hit.tier)
+        pinned = tier.pin(key)
+        if pinned is None:
+            hit = await self.get(key)  # lost under us: get() does the bookkeeping of a miss
+            return None if hit is None else PinnedHit(HeldBlock(hit.block), hit.tier)
+        idx = loc.tier
+        access = Access(key, now=self._clock.time())
+        for policy in self._policies[:idx]:
+            policy.on_miss(access)
+        self._policies[idx].on_hit(access)
+        if idx > 0 and self._config.promote_on_hit:
+            views = pinned.views()
+            if views is not None:
+                # The promotion gets its own copy: the reader may release the pages any time.
+                data = views[0].tobytes() if len(views) == 1 else b"".join(views)
+                self._spawn(self._promote(key, Block(data, pinned.meta)))
+        return PinnedHit(pinned, tier.name)
 
     # -- writes ----------------------------------------------------------------------------
 

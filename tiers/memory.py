@@ -4,6 +4,11 @@ The arena is allocated once at start-up (``torch.empty``), on ``cuda`` for HBM w
 present and on the CPU otherwise, and in pinned host memory for DRAM when CUDA is present (so
 host-device copies can be asynchronous DMA). No allocation happens per block: a block is a list of
 byte runs (views) into the arena, handed out by :class:`~tiers.allocator.PageAllocator`.
+
+With ``shm_dir`` a CPU arena lives in a shared-memory segment (:mod:`tiers.shmseg`) that
+same-host clients map, and :meth:`ArenaTier.pin` lends a block's pages out (for a zero-copy HTTP
+write or a shared-memory descriptor): a pinned block that is deleted or evicted leaves the index
+at once, but its pages (and their charge in the ledger) are freed only at the last release.
 """
 
 from __future__ import annotations
@@ -12,16 +17,18 @@ import asyncio
 import logging
 import warnings
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from tiers.allocator import PageAllocator, Run
-from tiers.base import PutOutcome, TierStats
+from tiers.base import Placement, PutOutcome, TierStats
 from tiers.block import Block, BlockMeta
 from tiers.errors import TierClosed, TierConfigError
 from tiers.ledger import CapacityLedger
+from tiers.shmseg import SegmentInfo, ShmSegment
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +38,44 @@ DEFAULT_PAGE_BYTES = 64 * 1024
 DEFAULT_INLINE_COPY_BYTES = 4 * 1024 * 1024
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Entry:
     runs: list[Run]
     meta: BlockMeta
+    pins: int = 0
+    dropped: bool = False  # gone from the index; pages wait for the last unpin
+    held_key: str = field(default="")  # the ledger key its charge moved to once dropped
+
+
+@dataclass(slots=True, eq=False)
+class ArenaPin:
+    """One reader's hold on a block's pages (see :class:`tiers.base.PinnedBlock`)."""
+
+    meta: BlockMeta
+    _tier: ArenaTier
+    _entry: _Entry
+    _released: bool = False
+
+    def views(self) -> list[memoryview] | None:
+        view = self._tier._view
+        if view is None or self._released:
+            return None
+        return [view[start:stop] for start, stop in self._entry.runs]
+
+    def placement(self) -> Placement | None:
+        name = self._tier.shared_name
+        if name is None or self._released:
+            return None
+        return Placement(name, tuple((a, b - a) for a, b in self._entry.runs))
+
+    @property
+    def runs(self) -> list[Run]:
+        return list(self._entry.runs)
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._tier._unpin(self._entry)
 
 
 def cuda_available() -> bool:
@@ -56,6 +97,7 @@ class ArenaTier:
         page_bytes: int = DEFAULT_PAGE_BYTES,
         executor: Executor | None = None,
         inline_copy_bytes: int = DEFAULT_INLINE_COPY_BYTES,
+        shm_dir: Path | None = None,
     ) -> None:
         if page_bytes <= 0:
             raise TierConfigError("page_bytes must be positive")
@@ -69,12 +111,9 @@ class ArenaTier:
         self._entries: dict[str, _Entry] = {}
         self._executor = executor
         self._inline_copy_bytes = inline_copy_bytes
-        self._arena: torch.Tensor | None = torch.empty(
-            npages * page_bytes,
-            dtype=torch.uint8,
-            device=self._torch_device,
-            pin_memory=self._pinned,
-        )
+        self._segment: ShmSegment | None = None
+        self._held = 0
+        self._arena: torch.Tensor | None = self._allocate(npages * page_bytes, shm_dir)
         # On the CPU the arena is also reachable as a flat memoryview: slicing it is free and
         # copying into/out of it is one memcpy without torch's per-op overhead.
         self._view: memoryview | None = (
@@ -177,6 +216,62 @@ class ArenaTier:
         self._entries.clear()
         self._arena = None
         self._view = None
+        if self._segment is not None:
+            self._segment.close()
+            self._segment = None
+
+    # -- pins (tiers.base.PinnableTier) ------------------------------------------------------
+
+    def pin(self, key: str) -> ArenaPin | None:
+        entry = self._entries.get(key)
+        if entry is None or self._arena is None:
+            self._misses += 1
+            return None
+        self._hits += 1
+        entry.pins += 1
+        return ArenaPin(entry.meta, self, entry)
+
+    @property
+    def shared_name(self) -> str | None:
+        """The name clients know the arena's storage by; ``None`` when it is private."""
+        if self._segment is not None:
+            return self._segment.name
+        arena = self._arena
+        if arena is not None and arena.device.type == "cuda":
+            return f"cuda-{self.name}"
+        return None
+
+    def shared_segment(self) -> SegmentInfo | None:
+        """The segment holding the arena, for same-host clients (tiers.base.SharedTier)."""
+        if self._segment is not None:
+            return self._segment.info()
+        arena = self._arena
+        if arena is None or arena.device.type != "cuda":
+            return None
+        handle = self.cuda_ipc_handle()
+        return SegmentInfo(
+            f"cuda-{self.name}", "", arena.numel(), kind="cuda_ipc", ipc=handle
+        )
+
+    @property
+    def pinned_blocks(self) -> int:
+        """Dropped blocks whose pages still wait for readers to release them."""
+        return self._held
+
+    def cuda_ipc_handle(self) -> tuple[object, ...] | None:
+        """The CUDA IPC handle of an HBM arena (``torch`` storage sharing), else ``None``."""
+        arena = self._arena
+        if arena is None or arena.device.type != "cuda":
+            return None
+        handle: tuple[object, ...] = arena.untyped_storage()._share_cuda_()
+        return handle
+
+    def _unpin(self, entry: _Entry) -> None:
+        entry.pins -= 1
+        if entry.pins == 0 and entry.dropped:
+            self._alloc.free(entry.runs)
+            self._ledger.release(entry.held_key)
+            self._held -= 1
 
     # -- internals -------------------------------------------------------------------------
 
@@ -194,10 +289,36 @@ class ArenaTier:
 
     def _drop(self, key: str) -> _Entry | None:
         entry = self._entries.pop(key, None)
-        if entry is not None:
+        if entry is None:
+            return None
+        charge = self._ledger.release(key)
+        if entry.pins:
+            # Readers still copy from these pages: keep them (and their charge) until released.
+            entry.dropped = True
+            entry.held_key = f"\x00pinned:{id(entry)}"
+            self._ledger.charge(entry.held_key, charge)
+            self._held += 1
+        else:
             self._alloc.free(entry.runs)
-            self._ledger.release(key)
         return entry
+
+    def _allocate(self, nbytes: int, shm_dir: Path | None) -> torch.Tensor:
+        if shm_dir is not None and self._torch_device.type == "cpu" and nbytes > 0:
+            try:
+                segment = ShmSegment.create(self.name.lower()[:32], nbytes, directory=shm_dir)
+            except (OSError, ValueError) as exc:
+                log.warning("tier %s: no shared-memory arena (%s); using private memory", self.name, exc)
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    arena = torch.frombuffer(segment.buffer, dtype=torch.uint8)
+                if self._pinned:
+                    _register_host(arena)
+                self._segment = segment
+                return arena
+        return torch.empty(
+            nbytes, dtype=torch.uint8, device=self._torch_device, pin_memory=self._pinned
+        )
 
     async def _write(self, arena: torch.Tensor, runs: list[Run], data: bytes | memoryview) -> None:
         if self._view is not None and len(data) <= self._inline_copy_bytes:
@@ -259,3 +380,11 @@ def _copy_out_tensor(arena: torch.Tensor, runs: list[Run], size: int) -> memoryv
             dst[offset : offset + n].copy_(arena[start:stop])
         offset += n
     return out.data
+
+
+def _register_host(arena: torch.Tensor) -> None:
+    """Page-lock a shared-memory arena for async DMA, as ``pin_memory`` does for private ones."""
+    cudart = torch.cuda.cudart()
+    rc = cudart.cudaHostRegister(arena.data_ptr(), arena.numel(), 0)
+    if int(rc) != 0:
+        log.warning("cudaHostRegister failed (%s): the shared dram arena is pageable", rc)
