@@ -237,6 +237,45 @@ def test_forged_headers_are_corrupt() -> None:
     assert bytes(decode_frame(ok).data) == data
 
 
+def test_forged_grouped_payloads_are_corrupt() -> None:
+    data = kv_like(500)
+    n = len(data) // 2
+    low, high = group_bytes(data, 2)[:n], group_bytes(data, 2)[n:]
+    packed_high = zstd.ZstdCompressor(level=1).compress(high)
+
+    def plane(kind: int, body: bytes, size: int | None = None) -> bytes:
+        return struct.pack("<BQ", kind, len(body) if size is None else size) + body
+
+    good = plane(0, low) + plane(1, packed_high)
+    bad_payloads = [
+        plane(0, low) + plane(7, packed_high),  # unknown plane codec
+        plane(0, low[:-2]) + plane(1, packed_high),  # raw plane of the wrong size
+        plane(0, low) + plane(1, packed_high) + b"\0",  # bytes after the last plane
+        plane(0, low) + plane(1, packed_high, size=len(packed_high) + 5),  # runs past the end
+        plane(0, low) + plane(1, zstd.ZstdCompressor(level=1).compress(high[:-1])),  # short
+        plane(0, high) + plane(1, zstd.ZstdCompressor(level=1).compress(low)),  # swapped
+    ]
+    for payload in bad_payloads:
+        frame = forge(
+            codec=CODEC_ZSTD_GROUPED,
+            width=2,
+            raw_len=len(data),
+            payload=payload,
+            checksum=digest(data),
+        )
+        with pytest.raises(CorruptBlock):
+            decode_frame(frame)
+    ok = forge(
+        codec=CODEC_ZSTD_GROUPED, width=2, raw_len=len(data), payload=good, checksum=digest(data)
+    )
+    assert bytes(decode_frame(ok).data) == data
+
+
+def test_small_blocks_still_gain_from_grouping() -> None:
+    block = Block.of(kv_like(4096), dtype="bfloat16")  # 8 KiB
+    assert len(encode_frame(block, byte_group=True)) < len(encode_frame(block, byte_group=False))
+
+
 def test_non_buffer_input_is_corrupt() -> None:
     with pytest.raises(CorruptBlock):
         decode_frame(12345)  # type: ignore[arg-type]

@@ -11,11 +11,12 @@ caught as surely as one in the payload (which the xxh3-128 of the raw bytes cove
 that does not parse, check and decompress to exactly the recorded bytes is
 :class:`~tiers.errors.CorruptBlock`; no other exception leaves :func:`decode_frame`.
 
-Byte-grouping: for an element width ``w`` (2 for bf16/fp16) byte ``i`` of every element goes to
-plane ``i`` before zstd. The high plane of bf16 holds the sign and 7 exponent bits and compresses
-well; the low plane is mostly mantissa noise. Interleaved, zstd sees neither pattern. On real KV
-projections (docs/benchmarks.md) grouping lifts bf16 from ~1.27x to ~1.5x at level 1 and makes
-decompression about twice as fast, because the noisy plane is stored as raw zstd blocks.
+Byte-grouping (codec ``zstd+bytegroup``): for an element width ``w`` (2 for bf16/fp16) byte ``i``
+of every element goes to plane ``i``, and the payload is, per plane, ``codec u8 | length u64 |
+bytes`` where the plane is its own zstd frame, or raw when zstd cannot shrink it. The high plane
+of bf16 holds the sign and 7 exponent bits and compresses well; the low plane is mantissa noise,
+stored raw and read in place. Interleaved, zstd sees neither pattern. On real KV projections
+grouping lifts bf16 from ~1.28x to ~1.48x at level 1 and decodes faster (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ _U8 = struct.Struct("<B")
 _U64 = struct.Struct("<Q")
 _F64 = struct.Struct("<d")
 _HCHECK = struct.Struct("<Q")
+_PLANE = struct.Struct("<BQ")  # per plane of a grouped payload: codec, stored length
+_PLANE_RAW: Final = 0
+_PLANE_ZSTD: Final = 1
 _MAX_DIMS: Final = 32
 _GROUP_WIDTHS: Final = frozenset({2, 4, 8})
 
@@ -122,17 +126,79 @@ def group_bytes(data: bytes | memoryview, width: int) -> bytes:
 
 def ungroup_bytes(planes: bytes | memoryview, width: int) -> memoryview:
     """Inverse of :func:`group_bytes`, as a read-only view of a fresh buffer."""
-    n = len(planes)
-    src = np.frombuffer(planes, dtype=np.uint8).reshape(width, -1)
-    out = bytearray(n)
+    n = len(planes) // width
+    view = memoryview(planes)
+    return _interleave([view[i * n : (i + 1) * n] for i in range(width)])
+
+
+def _interleave(planes: list[memoryview] | list[bytes | memoryview]) -> memoryview:
+    width = len(planes)
+    n = len(planes[0])
+    out = bytearray(n * width)
+    src = [np.frombuffer(p, dtype=np.uint8) for p in planes]
     if width == 2:
         # Shift/or into little-endian u16 lanes: ~4x faster than a strided byte scatter.
         lanes = np.frombuffer(out, dtype="<u2")
         np.left_shift(src[1], 8, out=lanes, dtype="<u2")
         np.bitwise_or(lanes, src[0], out=lanes)
     else:
-        np.frombuffer(out, dtype=np.uint8).reshape(-1, width)[...] = src.T
+        cols = np.frombuffer(out, dtype=np.uint8).reshape(-1, width)
+        for i, plane in enumerate(src):
+            cols[:, i] = plane  # one column at a time: a full transposed copy is ~4x slower
     return memoryview(out).toreadonly()
+
+
+def _grouped_payload(data: bytes | memoryview, width: int, level: int) -> bytes:
+    """Each plane its own zstd frame, or raw when zstd cannot shrink it (mantissa noise).
+
+    Separate frames keep zstd's Huffman tables per plane whatever the block size, and let the
+    reader skip zstd entirely for the noisy planes.
+    """
+    planes = np.frombuffer(data, dtype=np.uint8).reshape(-1, width).T.copy()
+    c = _codecs.compressor(level)
+    parts: list[bytes] = []
+    for plane in planes:
+        raw = memoryview(plane.data)
+        packed = c.compress(raw)
+        if len(packed) < len(raw):
+            parts += [_PLANE.pack(_PLANE_ZSTD, len(packed)), packed]
+        else:
+            parts += [_PLANE.pack(_PLANE_RAW, len(raw)), bytes(raw)]
+    return b"".join(parts)
+
+
+def _decode_grouped(payload: memoryview, width: int, raw_len: int) -> memoryview:
+    n = raw_len // width
+    planes: list[bytes | memoryview] = []
+    pos = 0
+    for _ in range(width):
+        kind, size = _PLANE.unpack_from(payload, pos)
+        pos += _PLANE.size
+        part = payload[pos : pos + size]
+        if len(part) != size:
+            raise CorruptBlock("truncated plane")
+        pos += size
+        if kind == _PLANE_RAW:
+            if size != n:
+                raise CorruptBlock("raw plane of the wrong size")
+            planes.append(part)  # no copy: interleaving reads it in place
+        elif kind == _PLANE_ZSTD:
+            planes.append(_unzstd(part, n))
+        else:
+            raise CorruptBlock(f"unknown plane codec {kind}")
+    if pos != len(payload):
+        raise CorruptBlock("bytes after the last plane")
+    return _interleave(planes)
+
+
+def _unzstd(payload: memoryview, size: int) -> bytes:
+    # Check the declared size before zstd allocates it.
+    if zstd.frame_content_size(payload) != size:
+        raise CorruptBlock("zstd content size disagrees with the header")
+    out = _codecs.decompressor.decompress(payload, max_output_size=size)
+    if len(out) != size:
+        raise CorruptBlock("zstd output length mismatch")
+    return out
 
 
 def _choose_width(block: Block, byte_group: ByteGroup, level: int) -> int:
@@ -145,13 +211,12 @@ def _choose_width(block: Block, byte_group: ByteGroup, level: int) -> int:
         return width if width in _GROUP_WIDTHS and n % width == 0 else 1
     if width is not None:
         return width if width in AUTO_GROUP_WIDTHS and n % width == 0 else 1
-    # No hint: probe a sample both ways; costs two small compressions, saves a lot on KV.
+    # No hint: try a sample both ways; two small compressions, a lot saved on KV blocks.
     if n < 2 * _PROBE_BYTES or n % 2:
         return 1
     sample = memoryview(block.data)[:_PROBE_BYTES]
-    c = _codecs.compressor(level)
-    plain = len(c.compress(sample))
-    grouped = len(c.compress(group_bytes(sample, 2)))
+    plain = len(_codecs.compressor(level).compress(sample))
+    grouped = len(_grouped_payload(sample, 2, level))
     return 2 if grouped < plain else 1
 
 
@@ -165,9 +230,11 @@ def encode_frame(
     if raw_len != meta.size:
         raise TierError(f"block size {meta.size} does not match its {raw_len} bytes")
     width = _choose_width(block, byte_group, level)
-    src = group_bytes(data, width) if width > 1 else data
-    payload: bytes | memoryview = _codecs.compressor(level).compress(src)
-    codec = CODEC_ZSTD_GROUPED if width > 1 else CODEC_ZSTD
+    payload: bytes | memoryview
+    if width > 1:
+        payload, codec = _grouped_payload(data, width, level), CODEC_ZSTD_GROUPED
+    else:
+        payload, codec = _codecs.compressor(level).compress(data), CODEC_ZSTD
     if len(payload) >= raw_len:
         payload, codec, width = data, CODEC_RAW, 1
 
@@ -285,18 +352,14 @@ def _decode(view: memoryview) -> Block:
         if width != 1 or payload_len != raw_len:
             raise CorruptBlock("raw frame with inconsistent lengths")
         data = bytes(payload)  # copy: the caller's buffer may be an LMDB page
-    elif codec in (CODEC_ZSTD, CODEC_ZSTD_GROUPED):
-        if codec == CODEC_ZSTD and width != 1:
+    elif codec == CODEC_ZSTD:
+        if width != 1:
             raise CorruptBlock("plain zstd frame with a group width")
-        if codec == CODEC_ZSTD_GROUPED and (width not in _GROUP_WIDTHS or raw_len % width):
+        data = _unzstd(payload, raw_len)
+    elif codec == CODEC_ZSTD_GROUPED:
+        if width not in _GROUP_WIDTHS or raw_len % width:
             raise CorruptBlock(f"bad group width {width}")
-        # Check the declared size before zstd allocates it.
-        if zstd.frame_content_size(payload) != raw_len:
-            raise CorruptBlock("zstd content size disagrees with the header")
-        out = _codecs.decompressor.decompress(payload, max_output_size=raw_len)
-        if len(out) != raw_len:
-            raise CorruptBlock("zstd output length mismatch")
-        data = ungroup_bytes(out, width) if codec == CODEC_ZSTD_GROUPED else out
+        data = _decode_grouped(payload, width, raw_len)
     else:
         raise CorruptBlock(f"unknown codec {codec}")
     if digest(data) != want:
