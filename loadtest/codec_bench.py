@@ -236,6 +236,39 @@ def machine() -> dict[str, Any]:
     }
 
 
+def markdown(result: dict[str, Any]) -> str:
+    """The result as the tables docs/benchmarks.md shows."""
+    lines = [
+        "| dtype | zstd level | byte-grouping | ratio | compress MB/s | decompress MB/s |",
+        "| --- | ---: | --- | ---: | ---: | ---: |",
+    ]
+    for r in result["codec"]:
+        group = {True: "yes", False: "no"}.get(r["byte_group"], str(r["byte_group"]))
+        lines.append(
+            f"| {r['dtype']} | {r['level']} | {group} | {r['ratio']:.3f} | "
+            f"{r['compress_MBps']:.0f} | {r['decompress_MBps']:.0f} |"
+        )
+    lines += [
+        "",
+        "| reader threads | concurrent gets | gets | GB/s (wall) | GB per CPU-second | CPU use |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in result["disk_read"]:
+        lines.append(
+            f"| {r['reader_threads']} | {r['concurrent_gets']} | {r['gets']} | {r['GBps']:.2f} | "
+            f"{r['GB_per_cpu_second']:.2f} | {r['cpu_utilisation']:.2f} |"
+        )
+    m = result["machine"]
+    lines += [
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['system']}, Python {m['python']}; "
+        f"1-minute load average at the end: {m['loadavg_1m']}. Versions: "
+        + ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+        + ".",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m loadtest.codec_bench",
@@ -251,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--read-level", type=int, default=1, help="zstd level of the disk tier")
     ap.add_argument("--model-dir", type=Path, default=None, help="override the model directory")
     ap.add_argument("--json-out", type=Path, default=None, help="also write the JSON here")
+    ap.add_argument(
+        "--markdown-out", type=Path, default=None, help="also write the tables as Markdown here"
+    )
     args = ap.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
     dtypes = args.dtypes.split(",")
@@ -316,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(result)
     if args.json_out:
         args.json_out.write_text(text + "\n")
+    if args.markdown_out:
+        args.markdown_out.write_text(markdown(result))
     print(text)
     return 0
 
