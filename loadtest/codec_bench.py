@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtypes", default="bfloat16,float16,float32", help="dtypes to compare")
     ap.add_argument("--max-tokens", type=int, default=3000, help="tokens to run through the model")
     ap.add_argument("--reps", type=int, default=3, help="timing repetitions (best is kept)")
-    ap.add_argument("--read-passes", type=int, default=4, help="passes over the blocks in reads")
+    ap.add_argument("--read-passes", type=int, default=10, help="passes over the blocks in reads")
     ap.add_argument("--read-level", type=int, default=1, help="zstd level of the disk tier")
     ap.add_argument("--model-dir", type=Path, default=None, help="override the model directory")
     ap.add_argument("--json-out", type=Path, default=None, help="also write the JSON here")

@@ -158,13 +158,13 @@ class DiskTier:
             raise TierConfigError("read_threads, max_batch_ops and initial_map_bytes must be >= 1")
         self.path = Path(path)
         self.capacity_bytes = capacity_bytes
-        self._clock = clock
+        self._clock = clock  # uniform with the other tiers; expiry is the hierarchy's job
         self._level = level
         self._byte_group = byte_group
         self._max_batch_ops = max_batch_ops
         self._max_map = capacity_bytes
-        self.path.mkdir(parents=True, exist_ok=True)
         try:
+            self.path.mkdir(parents=True, exist_ok=True)
             self._env = lmdb.open(
                 str(self.path),
                 map_size=min(initial_map_bytes, capacity_bytes),
@@ -180,7 +180,7 @@ class DiskTier:
             self._longkeys = self._env.open_db(_DB_LONGKEYS)
             self._meta = self._env.open_db(_DB_META)
             self._internal = self._env.open_db(_DB_INTERNAL)
-        except lmdb.Error as exc:
+        except (lmdb.Error, OSError) as exc:
             raise TierIOError(f"cannot open LMDB environment at {self.path}: {exc}") from exc
         # LMDB node limit for 2 keys per page: larger values go to overflow pages.
         self._nodemax = (((self._psize - _PAGE_HEADER) // 2) & ~1) - _PTR

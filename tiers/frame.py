@@ -125,7 +125,7 @@ class _Codecs(threading.local):
     def plane_compressor(self, level: int) -> zstd.ZstdCompressor:
         c = self.plane_compressors.get(level)
         if c is None:
-            tuning = _PLANE_TUNING if level <= _PLANE_TUNING_MAX_LEVEL else {}
+            tuning = _PLANE_TUNING if 1 <= level <= _PLANE_TUNING_MAX_LEVEL else {}
             params = zstd.ZstdCompressionParameters.from_level(
                 level, write_content_size=1, write_checksum=0, threads=0, **tuning
             )
