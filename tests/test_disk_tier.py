@@ -9,6 +9,7 @@ import sys
 import textwrap
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import lmdb
 import numpy as np
@@ -18,6 +19,7 @@ from tiers.base import PutOutcome, Tier
 from tiers.block import Block
 from tiers.disk import DiskTier
 from tiers.errors import TierClosed, TierConfigError
+from tiers.ledger import CapacityLedger
 
 CAP = 2 << 20
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,6 +131,61 @@ async def test_capacity_is_never_exceeded(tier: DiskTier) -> None:
         assert tier.file_bytes() <= CAP
         assert tier.used_bytes <= tier.usable_bytes
     assert len(tier.keys()) == n
+
+
+async def test_full_map_answers_no_room_never_an_lmdb_error(tier: DiskTier) -> None:
+    # White-box: a ledger that over-promises makes the LMDB map itself the limit, which is the
+    # path a real tier takes when freed pages are not reusable yet.
+    tier._ledger = CapacityLedger(100 * CAP)
+    outcomes = [await tier.put(f"k{i}", rand_block(40_000, i)) for i in range(80)]
+    assert PutOutcome.NO_ROOM in outcomes
+    stored = [f"k{i}" for i, o in enumerate(outcomes) if o is PutOutcome.STORED]
+    assert sorted(tier.keys()) == sorted(stored)
+    assert tier.file_bytes() <= CAP and tier.map_bytes() <= CAP
+    # Concurrent puts into a full map share a batch; each still gets its own answer.
+    late = await asyncio.gather(*(tier.put(f"x{i}", rand_block(40_000, 100 + i)) for i in range(4)))
+    assert set(late) == {PutOutcome.NO_ROOM}
+    # Squeeze the map to the pages in use: not one to spare for copy-on-write. Removing must
+    # still work (it is how room is made), through the emergency pages.
+    tier._shrink_map_to(0)
+    tier._put_map_cap = tier.map_bytes()
+    assert await tier.evict(stored[0]) is not None
+    for key in stored[1:4]:
+        assert await tier.delete(key)
+    assert await tier.put("again", rand_block(40_000, 999)) is PutOutcome.STORED
+    assert tier.file_bytes() <= CAP and tier.map_bytes() <= CAP
+    got = await tier.get(stored[5])
+    assert got is not None and bytes(got.data) == bytes(rand_block(40_000, 5).data)
+
+
+async def test_removal_gets_through_a_full_map(
+    tier: DiskTier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fault injection: LMDB answers MAP_FULL to a removal until the emergency pages are in."""
+    for i in range(6):
+        await tier.put(f"k{i}", rand_block(40_000, i))
+    real_run = tier._run_txn
+
+    def run_txn(batch: list[Any]) -> list[object]:
+        removal = any(op.kind in ("delete", "pop") for op in batch)
+        if removal and tier.map_bytes() < CAP:
+            raise lmdb.MapFullError("injected")
+        return real_run(batch)
+
+    monkeypatch.setattr(tier, "_run_txn", run_txn)
+    assert await tier.delete("k0") is True
+    assert await tier.evict("k1") is not None
+    assert tier.map_bytes() < CAP  # the emergency pages were handed back
+    assert sorted(tier.keys()) == ["k2", "k3", "k4", "k5"]
+    # A put refused by a full map is NO_ROOM, with nothing charged.
+
+    def refuse(batch: list[Any]) -> list[object]:
+        raise lmdb.MapFullError("injected")
+
+    monkeypatch.setattr(tier, "_run_txn", refuse)
+    used = tier.used_bytes
+    assert await tier.put("new", rand_block(1000, 1)) is PutOutcome.NO_ROOM
+    assert tier.used_bytes == used and not tier.contains("new")
 
 
 async def test_fits_is_a_promise(tier: DiskTier) -> None:

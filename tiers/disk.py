@@ -16,7 +16,8 @@ cannot reuse yet (a page freed by transaction N is only reusable from N+2, and n
 reader still sees it; a group commit is capped at a quarter of the reserve for that reason).
 When a write still hits the map limit, the writer commits a couple of tiny "tick" transactions to
 release those pages and retries once; after that the put answers ``NO_ROOM`` and the hierarchy
-evicts. The map itself starts
+evicts. The last 32 pages of the budget are for removals only (a delete needs copy-on-write pages
+too, and making room must never be refused); the map grows into them for that one transaction. The map itself starts
 small and doubles up to the budget; ``set_mapsize`` runs on the writer thread while a gate holds
 off new readers (LMDB requires no open transaction in the process).
 
@@ -69,6 +70,8 @@ _LONG_PREFIX: Final = b"\x00"
 _PAGE_HEADER: Final = 16  # LMDB PAGEHDRSZ
 _NODE_HEADER: Final = 8  # LMDB NODESIZE
 _PTR: Final = 2  # an indx_t slot in the page's pointer array
+# Map pages only removals may use, so room can always be made; part of the reserve.
+_EMERGENCY_PAGES: Final = 32
 _MAX_CLIENT_KEY: Final = 1100  # a tenant, the separator and a 512-char key, comfortably
 
 _OpKind = Literal["put", "delete", "pop", "meta_put", "meta_incr"]
@@ -162,12 +165,12 @@ class DiskTier:
         self._level = level
         self._byte_group = byte_group
         self._max_batch_ops = max_batch_ops
-        self._max_map = capacity_bytes
+        self._map_cap = capacity_bytes  # the map, hence the file, never grows past this
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             self._env = lmdb.open(
                 str(self.path),
-                map_size=min(initial_map_bytes, capacity_bytes),
+                map_size=min(initial_map_bytes, capacity_bytes - _EMERGENCY_PAGES * 4096),
                 subdir=True,
                 max_dbs=4,
                 sync=sync,
@@ -186,9 +189,11 @@ class DiskTier:
         self._nodemax = (((self._psize - _PAGE_HEADER) // 2) & ~1) - _PTR
         # Small budgets: 1/16. Large ones: two batches of freed pages plus B-tree/free list.
         reserve = max(
-            64 * self._psize, min(capacity_bytes // 16, (128 << 20) + capacity_bytes // 256)
+            (64 + _EMERGENCY_PAGES) * self._psize,
+            min(capacity_bytes // 16, (128 << 20) + capacity_bytes // 256),
         )
         self._max_batch_bytes = max(1, reserve // 4)
+        self._put_map_cap = self._map_cap - _EMERGENCY_PAGES * self._psize
         self._ledger_budget = max(0, capacity_bytes - reserve)
         self._ledger = CapacityLedger(self._ledger_budget)
         self._present: set[str] = set()
@@ -513,8 +518,9 @@ class DiskTier:
                     results = self._run_txn(batch)
                     break
                 except lmdb.MapFullError:
-                    if not self._grow_map():
-                        return [self._write_one(op) for op in batch]
+                    if not self._grow_map(self._put_map_cap):
+                        results = [self._write_one(op) for op in batch]
+                        break
             if any(op.kind.startswith("meta") for op in batch):
                 self._env.sync(True)
             return results
@@ -522,18 +528,26 @@ class DiskTier:
             raise TierIOError(f"LMDB write failed: {exc}") from exc
 
     def _write_one(self, op: _Op) -> object:
-        for attempt in range(2):
-            try:
-                return self._run_txn([op])[0]
-            except lmdb.MapFullError:
-                if attempt == 0:
-                    # Pages freed by the last two commits are not reusable yet: two tiny
-                    # commits age them out (readers are short-lived, so none pins them).
-                    for _ in range(2):
-                        with contextlib.suppress(lmdb.MapFullError):
-                            self._tick()
-            except lmdb.Error as exc:
-                return TierIOError(f"LMDB write failed: {exc}")
+        """One op in its own transaction, trying what can free room in the map first."""
+        try:
+            for attempt in range(3):
+                try:
+                    return self._run_txn([op])[0]
+                except lmdb.MapFullError:
+                    if attempt == 0:
+                        # Pages freed by the last two commits are not reusable yet: two tiny
+                        # commits age them out (readers are short-lived, so none pins them).
+                        for _ in range(2):
+                            with contextlib.suppress(lmdb.MapFullError):
+                                self._tick()
+                    elif op.kind not in ("delete", "pop") or not self._grow_map(self._map_cap):
+                        break
+                    # else: removing needs a few copy-on-write pages too and must never be
+                    # refused (it is how room is made), so it may use the emergency pages.
+                except lmdb.Error as exc:
+                    return TierIOError(f"LMDB write failed: {exc}")
+        finally:
+            self._shrink_map_to(self._put_map_cap)
         if op.kind == "put":
             return _NO_ROOM
         return TierIOError("LMDB map is full")
@@ -574,13 +588,22 @@ class DiskTier:
             n = (int.from_bytes(old, "little") if old else 0) + 1
             txn.put(_TICK, n.to_bytes(8, "little"), db=self._internal)
 
-    def _grow_map(self) -> bool:
+    def _grow_map(self, cap: int) -> bool:
         current = int(self._env.info()["map_size"])
-        if current >= self._max_map:
+        if current >= cap:
             return False
         with self._gate.exclusive():
-            self._env.set_mapsize(min(self._max_map, current * 2))
+            self._env.set_mapsize(min(cap, current * 2))
         return True
+
+    def _shrink_map_to(self, cap: int) -> None:
+        """Give back the emergency pages after a removal used them (never below used pages)."""
+        info = self._env.info()
+        if int(info["map_size"]) <= cap:
+            return
+        in_use = (int(info["last_pgno"]) + 1) * self._psize
+        with self._gate.exclusive():
+            self._env.set_mapsize(max(cap, in_use))
 
     def _close_env(self) -> None:
         with self._gate.exclusive():
@@ -602,12 +625,13 @@ class DiskTier:
         """Charge every stored block from its value length alone (no page of it is read)."""
         info = self._env.info()
         in_use = (int(info["last_pgno"]) + 1) * self._psize
-        if in_use + 64 * self._psize > self._max_map:
+        if in_use + 64 * self._psize > self._put_map_cap:
             # The file outgrew a budget that has since shrunk. LMDB cannot shrink a file in
             # place (``mdb_copy -c`` compacts offline): keep it, with room to delete the excess
             # below; the pages freed are reused, so it grows no further.
-            self._max_map = in_use + 64 * self._psize
-            self._env.set_mapsize(self._max_map)
+            self._put_map_cap = in_use + 64 * self._psize
+            self._map_cap = self._put_map_cap + _EMERGENCY_PAGES * self._psize
+            self._env.set_mapsize(self._put_map_cap)
         drop: list[bytes] = []
         with self._env.begin(buffers=True) as txn:
             names = {bytes(k): bytes(v) for k, v in txn.cursor(db=self._longkeys)}
