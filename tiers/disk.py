@@ -17,9 +17,9 @@ reader still sees it; a group commit is capped at a quarter of the reserve for t
 When a write still hits the map limit, the writer commits a couple of tiny "tick" transactions to
 release those pages and retries once; after that the put answers ``NO_ROOM`` and the hierarchy
 evicts. The last 32 pages of the budget are for removals only (a delete needs copy-on-write pages
-too, and making room must never be refused); the map grows into them for that one transaction. The map itself starts
-small and doubles up to the budget; ``set_mapsize`` runs on the writer thread while a gate holds
-off new readers (LMDB requires no open transaction in the process).
+too, and making room must never be refused); the map grows into them for that one transaction.
+The map itself starts small and doubles up to the budget; ``set_mapsize`` runs on the writer
+thread while a gate holds off new readers (LMDB requires no open transaction in the process).
 
 Durability. ``sync=True`` (default) with ``metasync=False``: each commit fsyncs its data pages but
 not the meta page. LMDB's copy-on-write plus atomic meta switch means a kill -9 can never expose a
