@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-
 from pathlib import Path
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from gateway import shm
 from gateway.config import GatewayConfig
 from gateway.context import ContextResolver, resolver_for
 from gateway.errors import (
@@ -28,7 +28,6 @@ from gateway.errors import (
     http_error_for,
     json_error,
 )
-from gateway import shm
 from gateway.handlers import Handlers
 from gateway.state import STATE, GatewayState
 from tiers.clock import SYSTEM_CLOCK, Clock

@@ -136,7 +136,9 @@ _SIZE_FIELDS = frozenset(
 _INT_FIELDS = frozenset({"port", "max_batch_keys", "disk_compression_level", "shm_lease_ms"})
 _FLOAT_FIELDS = frozenset({"shutdown_timeout_s"})
 _BOOL_FIELDS = frozenset({"write_through", "shm"})
-_STR_FIELDS = frozenset({"host", "hbm_policy", "dram_policy", "disk_policy", "log_level", "shm_dir"})
+_STR_FIELDS = frozenset(
+    {"host", "hbm_policy", "dram_policy", "disk_policy", "log_level", "shm_dir"}
+)
 SETTABLE_FIELDS: tuple[str, ...] = tuple(
     f.name for f in dataclasses.fields(GatewayConfig) if f.name != "tenants"
 )

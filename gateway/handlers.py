@@ -217,7 +217,7 @@ class Handlers:
 
     # ------------------------------------------------------------------ blocks
 
-    async def get_block(self, request: web.Request) -> web.Response:
+    async def get_block(self, request: web.Request) -> web.StreamResponse:
         key = request.match_info["key"]
         if KEY_RE.fullmatch(key) is None:
             check_key(key)

@@ -313,6 +313,7 @@ def build_spec(*, version: str = "0.1.0") -> dict[str, Any]:
             "properties": {"tiers": {"type": "array", "items": _ref("TierStats")}},
         },
     }
+    paths.update(_shm_paths())
     return {
         "openapi": "3.0.3",
         "info": {
@@ -327,6 +328,67 @@ def build_spec(*, version: str = "0.1.0") -> dict[str, Any]:
             "responses": {"Error": _json(_ref("Error"), "error")},
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
+    }
+
+
+def _shm_op(summary: str, description: str, ok: str, *codes: int) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": summary,
+            "description": description,
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {}}}},
+            "responses": {ok: _json({"type": "object"}, "JSON answer"), **_errors(*codes)},
+        }
+    }
+
+
+def _shm_paths() -> dict[str, Any]:
+    """The same-host shared-memory data plane (docs/perf.md): JSON control, bytes in /dev/shm."""
+    return {
+        "/v1/shm/attach": _shm_op(
+            "Open a shared-memory session",
+            "Answers {session, segments: [{name, path, size, writable, kind}], lease_ms}: the "
+            "arena segments to map read-only and this session's writable staging segment.",
+            "201",
+            401,
+            403,
+            503,
+        ),
+        "/v1/shm/detach": _shm_op(
+            "Close a session", '{"session"}: ends its leases, unlinks its staging.', "204", 404
+        ),
+        "/v1/shm/get": _shm_op(
+            "Where blocks lie in shared memory",
+            '{"session", "keys", "ttl_ms"?, "release"?: [lease ids]} -> {"lease", "items": '
+            '[{"key", "status" (200, 404, or 307 = read it over HTTP), "tier", "size", "etag", '
+            '"segment", "runs": [[offset, length], ...]}]}; the bytes stay pinned until the '
+            "lease is released or expires.",
+            "200",
+            400,
+            401,
+            403,
+            404,
+            413,
+        ),
+        "/v1/shm/release": _shm_op(
+            "Release read leases", '{"session", "leases": [...]} -> {"released": n}', "200", 404
+        ),
+        "/v1/shm/reserve": _shm_op(
+            "Reserve staging space for PUTs",
+            '{"session", "sizes": [n, ...]} -> {"lease", "regions": [{"segment", "runs"}]}',
+            "201",
+            400,
+            404,
+            413,
+        ),
+        "/v1/shm/commit": _shm_op(
+            "Store what was written into reserved staging space",
+            '{"session", "lease", "keys": [...], "dtype"?, "ttl_s"?} -> {"results": '
+            '[{"key", "status"}]} with the statuses of PUT (201, 200, 413, 507).',
+            "200",
+            400,
+            404,
+        ),
     }
 
 

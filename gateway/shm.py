@@ -100,9 +100,11 @@ class ShmExchange:
 
     def publish(self, hierarchy: Hierarchy) -> None:
         """Advertise the tiers whose storage clients can map."""
+        # Stand-in hierarchies (tests, wrappers) may not expose tiers: then nothing is mapped.
+        tiers: list[object] = list(getattr(hierarchy, "tiers", []))
         self.arena_segments = [
             seg
-            for tier in hierarchy.tiers
+            for tier in tiers
             if isinstance(tier, SharedTier) and (seg := tier.shared_segment()) is not None
         ]
 
@@ -149,8 +151,13 @@ class ShmExchange:
     # -- reads ---------------------------------------------------------------------------------
 
     async def get(
-        self, session: _Session, keys: Sequence[str], scoped: Sequence[str], store: Hierarchy,
-        *, ttl_ms: int,
+        self,
+        session: _Session,
+        keys: Sequence[str],
+        scoped: Sequence[str],
+        store: Hierarchy,
+        *,
+        ttl_ms: int,
     ) -> tuple[_Lease, list[dict[str, object]]]:
         lease = self._new_lease(session, ttl_ms)
         items: list[dict[str, object]] = []
@@ -382,7 +389,7 @@ class ShmHandlers:
         sizes = payload.get("sizes")
         limit = self._state.config.max_block_bytes
         if not isinstance(sizes, list) or not all(
-            isinstance(n, int) and not isinstance(n, bool) and 0 <= n for n in sizes
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in sizes
         ):
             raise BadJSON('expected {"session": ..., "sizes": [byte counts]}')
         if len(sizes) > self._state.config.max_batch_keys:

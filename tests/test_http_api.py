@@ -165,6 +165,9 @@ class ExplodingHierarchy:
     async def get(self, key: str, *, hint: object = None) -> None:
         raise self.exc
 
+    async def get_pinned(self, key: str) -> None:
+        raise self.exc
+
     def stats(self) -> list[object]:
         return []
 

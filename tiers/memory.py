@@ -249,9 +249,7 @@ class ArenaTier:
         if arena is None or arena.device.type != "cuda":
             return None
         handle = self.cuda_ipc_handle()
-        return SegmentInfo(
-            f"cuda-{self.name}", "", arena.numel(), kind="cuda_ipc", ipc=handle
-        )
+        return SegmentInfo(f"cuda-{self.name}", "", arena.numel(), kind="cuda_ipc", ipc=handle)
 
     @property
     def pinned_blocks(self) -> int:
@@ -263,7 +261,7 @@ class ArenaTier:
         arena = self._arena
         if arena is None or arena.device.type != "cuda":
             return None
-        handle: tuple[object, ...] = arena.untyped_storage()._share_cuda_()
+        handle: tuple[object, ...] = arena.untyped_storage()._share_cuda_()  # type: ignore[no-untyped-call]
         return handle
 
     def _unpin(self, entry: _Entry) -> None:
@@ -307,7 +305,7 @@ class ArenaTier:
             try:
                 segment = ShmSegment.create(self.name.lower()[:32], nbytes, directory=shm_dir)
             except (OSError, ValueError) as exc:
-                log.warning("tier %s: no shared-memory arena (%s); using private memory", self.name, exc)
+                log.warning("tier %s: private arena, no shared memory: %s", self.name, exc)
             else:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)
@@ -384,7 +382,7 @@ def _copy_out_tensor(arena: torch.Tensor, runs: list[Run], size: int) -> memoryv
 
 def _register_host(arena: torch.Tensor) -> None:
     """Page-lock a shared-memory arena for async DMA, as ``pin_memory`` does for private ones."""
-    cudart = torch.cuda.cudart()
+    cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
     rc = cudart.cudaHostRegister(arena.data_ptr(), arena.numel(), 0)
     if int(rc) != 0:
         log.warning("cudaHostRegister failed (%s): the shared dram arena is pageable", rc)

@@ -128,11 +128,9 @@ class ShmSegment:
             self.path.unlink()
         mapping, self._mmap = self._mmap, None
         if mapping is not None:
-            try:
+            # A tensor or memoryview may still export the buffer; the mapping then goes with it.
+            with contextlib.suppress(BufferError):
                 mapping.close()
-            except BufferError:
-                # A tensor or memoryview still exports the buffer; the mapping goes with it.
-                pass
 
 
 def open_segment(info: SegmentInfo) -> mmap.mmap:
