@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ import aiohttp
 
 from gateway import batch
 from gateway.errors import KVGateError, client_error_for
+from gateway.shm_client import ShmSession, ShmUnavailable, is_loopback_url
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +37,10 @@ class KVGateClient:
 
     Misses are ``None`` / ``False``; other error answers raise :class:`KVGateError` subclasses
     (see :mod:`gateway.errors`). Pass ``session`` to share a pool; it is then not closed here.
+
+    ``get_many``/``put_many`` move the bytes through shared memory when the gateway is on this
+    host (``shm=None``, the default: try it for a loopback URL; ``False``: never) and fall back
+    to HTTP bodies (``/v1/batch/*``) whenever that path is not available.
     """
 
     def __init__(
@@ -45,6 +51,7 @@ class KVGateClient:
         session: aiohttp.ClientSession | None = None,
         timeout_s: float = 60.0,
         max_connections: int = 64,
+        shm: bool | None = None,
     ) -> None:
         self._base = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -52,6 +59,12 @@ class KVGateClient:
         self._session = session
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._max_connections = max_connections
+        self._shm_wanted = is_loopback_url(self._base) if shm is None else shm
+        self._shm: ShmSession | None = None
+        self._shm_tried = False
+        self._shm_release: list[str] = []
+        self.shm_fallback_reason: str | None = None
+        """Why the shared-memory path is off (``None`` while it is on or untried)."""
 
     async def __aenter__(self) -> Self:
         self._ensure_session()
@@ -66,6 +79,7 @@ class KVGateClient:
         await self.close()
 
     async def close(self) -> None:
+        await self._shm_detach()
         if self._own_session and self._session is not None:
             await self._session.close()
             self._session = None
@@ -217,6 +231,103 @@ class KVGateClient:
                 raise await _error_of(resp)
             payload = await resp.json()
         return [(str(r["key"]), int(r["status"])) for r in payload["results"]]
+
+    # ------------------------------------------------------------------ same-host data plane
+
+    @property
+    def uses_shm(self) -> bool:
+        return self._shm is not None
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """The blocks of ``keys`` in order (``None`` for a miss): through shared memory when the
+        gateway is on this host, else one ``/v1/batch/get``."""
+        return await self._get_many(keys, retry=True)
+
+    async def _get_many(self, keys: Sequence[str], *, retry: bool) -> list[bytes | None]:
+        shm = await self._shm_session()
+        if shm is None:
+            return [None if b is None else b.data for b in await self.batch_get(keys)]
+        payload: dict[str, Any] = {"session": shm.id, "keys": list(keys)}
+        if self._shm_release:
+            # Releasing the previous read rides on this call: no round trip of its own.
+            payload["release"], self._shm_release = self._shm_release, []
+        try:
+            answer = await self._post_json("/v1/shm/get", payload, expect=200)
+        except KVGateError as exc:
+            if exc.status != 404 or not retry:
+                raise
+            # The session is gone (the gateway restarted, or it sat idle): attach once more.
+            await self._shm_detach()
+            self._shm_tried = False
+            return await self._get_many(keys, retry=False)
+        lease = answer.get("lease")
+        out: list[bytes | None] = []
+        try:
+            for key, item in zip(keys, answer["items"], strict=True):
+                status = item["status"]
+                if status == 200:
+                    out.append(shm.read(item["segment"], item["runs"]))
+                elif status == 404:
+                    out.append(None)
+                else:  # 307: not in shared memory right now; this one comes over HTTP
+                    out.append(await self.get(key))
+        finally:
+            if isinstance(lease, str):
+                self._shm_release.append(lease)
+        return out
+
+    async def put_many(
+        self,
+        blocks: Mapping[str, bytes] | Iterable[tuple[str, bytes]],
+        *,
+        ttl: float | None = None,
+        dtype: str | None = None,
+    ) -> list[tuple[str, int]]:
+        """As :meth:`batch_put`, writing the bytes into a shared staging segment when it can."""
+        pairs = list(blocks.items()) if isinstance(blocks, Mapping) else list(blocks)
+        shm = await self._shm_session()
+        if shm is None:
+            return await self.batch_put(pairs, ttl=ttl, dtype=dtype)
+        sizes = [len(v) for _, v in pairs]
+        reserved = await self._post_json(
+            "/v1/shm/reserve", {"session": shm.id, "sizes": sizes}, expect=201
+        )
+        for (_, value), region in zip(pairs, reserved["regions"], strict=True):
+            shm.write(region["segment"], region["runs"], value)
+        commit: dict[str, Any] = {
+            "session": shm.id,
+            "lease": reserved["lease"],
+            "keys": [k for k, _ in pairs],
+        }
+        if ttl is not None:
+            commit["ttl_s"] = float(ttl)
+        if dtype is not None:
+            commit["dtype"] = dtype
+        answer = await self._post_json("/v1/shm/commit", commit, expect=200)
+        return [(str(r["key"]), int(r["status"])) for r in answer["results"]]
+
+    async def _shm_session(self) -> ShmSession | None:
+        if self._shm is not None or self._shm_tried or not self._shm_wanted:
+            return self._shm
+        self._shm_tried = True
+        try:
+            payload = await self._post_json("/v1/shm/attach", {}, expect=201)
+            self._shm = ShmSession.from_attach(payload)
+        except (KVGateError, ShmUnavailable) as exc:
+            self.shm_fallback_reason = str(exc) or type(exc).__name__
+        return self._shm
+
+    async def _shm_detach(self) -> None:
+        shm, self._shm = self._shm, None
+        if shm is None:
+            return
+        shm.close()
+        if self._session is not None and not self._session.closed:
+            with contextlib.suppress(KVGateError, aiohttp.ClientError, OSError):
+                async with self._session.post(
+                    self._url("/v1/shm/detach"), json={"session": shm.id}, headers=self._auth
+                ) as resp:
+                    await resp.read()
 
     # ------------------------------------------------------------------ service
 

@@ -1,0 +1,337 @@
+"""The same-host data plane and the pinned (zero-copy) read path.
+
+Real gateway on loopback, real /dev/shm segments, FakeClock for lease expiry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+import aiohttp
+import pytest
+import torch
+
+from gateway.client import KVGateClient
+from gateway.config import MiB, TenantConfig
+from gateway.shm import SHM
+from tests.conftest import RunningGateway, running_gateway
+from tiers.block import Block, digest
+from tiers.memory import ArenaTier
+from tiers.shmseg import DEFAULT_SHM_DIR, ShmSegment
+
+pytestmark = pytest.mark.skipif(
+    not os.access(DEFAULT_SHM_DIR, os.W_OK), reason="no writable /dev/shm"
+)
+
+
+def payload(key: str, size: int) -> bytes:
+    seed = hashlib.sha256(key.encode()).digest()
+    return (seed * (size // len(seed) + 1))[:size]
+
+
+def read_runs(path: str | Path, runs: list[list[int]] | tuple[tuple[int, int], ...]) -> bytes:
+    """What a same-host client sees at those runs of a segment file."""
+    raw = Path(path).read_bytes()
+    return b"".join(raw[off : off + n] for off, n in runs)
+
+
+def tenant(name: str, token: str) -> TenantConfig:
+    return TenantConfig(name, hashlib.sha256(token.encode()).hexdigest())
+
+
+# -- segments -------------------------------------------------------------------------------
+
+
+def test_segment_is_private_to_the_gateway_uid_and_unlinked_on_close() -> None:
+    seg = ShmSegment.create("t", 1 << 20)
+    mode = os.stat(seg.path).st_mode
+    assert stat.S_IMODE(mode) == 0o600
+    assert os.stat(seg.path).st_uid == os.getuid()
+    seg.buffer[:4] = b"abcd"
+    path = seg.path
+    seg.close()
+    assert not path.exists()
+
+
+async def test_arena_lives_in_shared_memory_when_asked() -> None:
+    tier = ArenaTier("dram", 1 << 20, page_bytes=4096, shm_dir=DEFAULT_SHM_DIR)
+    info = tier.shared_segment()
+    assert info is not None and info.kind == "file"
+    data = payload("x", 10_000)
+    await tier.put("k", Block.of(data))
+    pin = tier.pin("k")
+    assert pin is not None
+    place = pin.placement()
+    assert place is not None and place.segment == info.name
+    assert read_runs(info.path, place.runs) == data
+    pin.release()
+    await tier.close()
+    assert not os.path.exists(info.path)
+
+
+# -- pins -----------------------------------------------------------------------------------
+
+
+async def test_pin_keeps_pages_from_reuse_until_released() -> None:
+    tier = ArenaTier("hbm", 64 * 1024, page_bytes=16 * 1024)  # 4 pages
+    old = payload("old", 64 * 1024)
+    await tier.put("old", Block.of(old))
+    pin = tier.pin("old")
+    assert pin is not None
+    assert await tier.delete("old")
+    assert not tier.contains("old")
+    # The pages are still lent out: nothing fits until the reader lets go.
+    assert not tier.fits(16 * 1024)
+    assert (await tier.put("new", Block.of(payload("new", 16 * 1024)))).value == "no_room"
+    views = pin.views()
+    assert views is not None and b"".join(views) == old
+    pin.release()
+    pin.release()  # idempotent
+    assert tier.pinned_blocks == 0
+    assert tier.fits(64 * 1024)
+    new = payload("new", 64 * 1024)
+    assert (await tier.put("new", Block.of(new))).value == "stored"
+    got = await tier.get("new")
+    assert got is not None and bytes(got.data) == new
+
+
+async def test_evicting_a_pinned_block_hands_back_its_bytes_and_defers_the_free() -> None:
+    tier = ArenaTier("hbm", 32 * 1024, page_bytes=16 * 1024)
+    data = payload("v", 20_000)
+    await tier.put("v", Block.of(data))
+    pin = tier.pin("v")
+    assert pin is not None
+    evicted = await tier.evict("v")
+    assert evicted is not None and bytes(evicted.data) == data
+    assert tier.stats().used_bytes == 32 * 1024  # still charged while lent out
+    pin.release()
+    assert tier.stats().used_bytes == 0
+
+
+# -- the shared-memory path through the gateway -----------------------------------------------
+
+
+async def test_shm_round_trip_is_bit_identical(gateway: RunningGateway) -> None:
+    blocks = {f"r:{i}": payload(f"r:{i}", size) for i, size in enumerate([1, 5000, MiB, 3 * MiB])}
+    async with KVGateClient(gateway.url) as kv:
+        results = await kv.put_many(blocks, dtype="bfloat16")
+        assert kv.uses_shm
+        assert [status for _, status in results] == [201] * len(blocks)
+        got = await kv.get_many([*blocks, "absent"])
+        assert got[:-1] == list(blocks.values())
+        assert got[-1] is None
+        for key, data in blocks.items():  # the HTTP path sees exactly the same bytes
+            fetched = await kv.get_block(key)
+            assert fetched is not None and fetched.data == data
+            assert fetched.etag == f'"{digest(data).hex()}"'
+
+
+async def test_shm_serves_disk_blocks_through_staging(gateway: RunningGateway) -> None:
+    keys = [f"d:{i}" for i in range(30)]  # 30 MiB: more than hbm + dram hold
+    async with KVGateClient(gateway.url) as kv:
+        await kv.put_many({k: payload(k, MiB) for k in keys})
+        await gateway.hierarchy.quiesce()
+        tiers = {gateway.hierarchy.locate(f"default/{k}") for k in keys}
+        assert "disk" in tiers
+        got = await kv.get_many(keys)
+        assert got == [payload(k, MiB) for k in keys]
+
+
+async def test_client_falls_back_to_http_without_shm(tmp_path: Path) -> None:
+    async with running_gateway(tmp_path, shm=False) as gw, KVGateClient(gw.url) as kv:
+        data = {"a": payload("a", 70_000), "b": payload("b", 10)}
+        assert [s for _, s in await kv.put_many(data)] == [201, 201]
+        assert await kv.get_many(["a", "b", "c"]) == [data["a"], data["b"], None]
+        assert not kv.uses_shm
+        assert kv.shm_fallback_reason is not None
+
+
+async def test_client_falls_back_when_segments_cannot_be_mapped(
+    gateway: RunningGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gateway.shm_client as shm_client
+
+    def refuse(info: object) -> object:
+        raise PermissionError("not for you")
+
+    monkeypatch.setattr(shm_client, "open_segment", refuse)
+    async with KVGateClient(gateway.url) as kv:
+        await kv.put("k", b"bytes over http")
+        assert await kv.get_many(["k"]) == [b"bytes over http"]
+        assert not kv.uses_shm
+        assert "not for you" in (kv.shm_fallback_reason or "")
+
+
+async def test_non_loopback_url_never_tries_shm() -> None:
+    kv = KVGateClient("http://10.1.2.3:8080")
+    assert await kv._shm_session() is None  # no request made: nothing listens there
+    await kv.close()
+
+
+async def _attach(http: aiohttp.ClientSession, url: str, token: str | None = None) -> str:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with http.post(f"{url}/v1/shm/attach", json={}, headers=headers) as resp:
+        assert resp.status == 201
+        body = await resp.json()
+    for seg in body["segments"]:
+        assert stat.S_IMODE(os.stat(seg["path"]).st_mode) == 0o600
+    return str(body["session"])
+
+
+async def test_a_read_lease_pins_the_pages_until_released(
+    gateway: RunningGateway, http: aiohttp.ClientSession
+) -> None:
+    data = payload("p", MiB)
+    await http.put(gateway.block_url("p"), data=data)
+    session = await _attach(http, gateway.url)
+    async with http.post(
+        f"{gateway.url}/v1/shm/get", json={"session": session, "keys": ["p"]}
+    ) as resp:
+        answer = await resp.json()
+    item = answer["items"][0]
+    # Delete it and flood both arenas with other blocks: the lent pages must not be reused.
+    async with http.delete(gateway.block_url("p")) as resp:
+        assert resp.status == 204
+    for i in range(30):
+        await http.put(gateway.block_url(f"flood:{i}"), data=payload(f"flood:{i}", MiB))
+    assert read_runs(DEFAULT_SHM_DIR / item["segment"], item["runs"]) == data
+    exchange = gateway.app[SHM]
+    assert exchange.active_leases == 1
+    async with http.post(
+        f"{gateway.url}/v1/shm/release", json={"session": session, "leases": [answer["lease"]]}
+    ) as resp:
+        assert (await resp.json())["released"] == 1
+    assert exchange.active_leases == 0
+    assert all(t.pinned_blocks == 0 for t in gateway.hierarchy.tiers if isinstance(t, ArenaTier))
+
+
+async def test_an_expired_read_lease_frees_the_pages(
+    gateway: RunningGateway, http: aiohttp.ClientSession
+) -> None:
+    await http.put(gateway.block_url("e"), data=payload("e", MiB))
+    session = await _attach(http, gateway.url)
+    async with http.post(
+        f"{gateway.url}/v1/shm/get", json={"session": session, "keys": ["e"], "ttl_ms": 1000}
+    ) as resp:
+        assert (await resp.json())["lease"] is not None
+    async with http.delete(gateway.block_url("e")) as resp:
+        assert resp.status == 204
+    hbm = gateway.hierarchy.tiers[0]
+    assert isinstance(hbm, ArenaTier)
+    assert hbm.pinned_blocks == 1
+    exchange = gateway.app[SHM]
+    gateway.clock.advance(0.5)
+    assert exchange.sweep() == 0
+    assert hbm.pinned_blocks == 1
+    gateway.clock.advance(0.6)
+    assert exchange.sweep() == 1
+    assert hbm.pinned_blocks == 0
+    assert hbm.stats().used_bytes == 0
+
+
+async def test_tenants_only_get_descriptors_for_their_own_blocks(tmp_path: Path) -> None:
+    tenants = (tenant("alice", "alice-token"), tenant("bob", "bob-token"))
+    async with (
+        running_gateway(tmp_path, tenants=tenants) as gw,
+        aiohttp.ClientSession() as http,
+    ):
+        alice_h = {"Authorization": "Bearer alice-token"}
+        bob_h = {"Authorization": "Bearer bob-token"}
+        await http.put(gw.block_url("secret"), data=b"alice only", headers=alice_h)
+        alice = await _attach(http, gw.url, "alice-token")
+        bob = await _attach(http, gw.url, "bob-token")
+        url = f"{gw.url}/v1/shm/get"
+        async with http.post(url, json={"session": bob, "keys": ["secret"]}, headers=bob_h) as r:
+            assert (await r.json())["items"] == [{"key": "secret", "status": 404}]
+        # Bob holding Alice's session id gets nothing either: it is not his session.
+        async with http.post(url, json={"session": alice, "keys": ["secret"]}, headers=bob_h) as r:
+            assert r.status == 404
+        async with http.post(
+            url, json={"session": alice, "keys": ["secret"]}, headers=alice_h
+        ) as r:
+            assert (await r.json())["items"][0]["status"] == 200
+        async with http.post(f"{gw.url}/v1/shm/attach", json={}) as r:
+            assert r.status == 401
+
+
+async def test_shm_rejects_malformed_control_calls(
+    gateway: RunningGateway, http: aiohttp.ClientSession
+) -> None:
+    session = await _attach(http, gateway.url)
+    url = gateway.url
+    cases = [
+        ("/v1/shm/get", {"session": session, "keys": "x"}, 400),
+        ("/v1/shm/get", {"session": session, "keys": ["bad key"]}, 400),
+        ("/v1/shm/get", {"session": "nope", "keys": ["k"]}, 404),
+        ("/v1/shm/get", {"session": session, "keys": ["k"], "ttl_ms": -1}, 400),
+        ("/v1/shm/reserve", {"session": session, "sizes": [-1]}, 400),
+        ("/v1/shm/reserve", {"session": session, "sizes": [10 * MiB]}, 413),
+        ("/v1/shm/reserve", {"session": session, "sizes": [4 * MiB] * 17}, 413),
+        ("/v1/shm/commit", {"session": session, "lease": "nope", "keys": ["k"]}, 404),
+        ("/v1/shm/release", {"session": session}, 400),
+    ]
+    for path, body, status in cases:
+        async with http.post(url + path, json=body) as resp:
+            assert resp.status == status, (path, body)
+            assert "error" in await resp.json()
+
+
+# -- zero-copy HTTP GET ----------------------------------------------------------------------
+
+
+async def test_zero_copy_get_is_correct_under_concurrent_eviction(
+    gateway: RunningGateway, http: aiohttp.ClientSession
+) -> None:
+    keys = [f"z:{i}" for i in range(12)]
+    for key in keys:
+        await http.put(gateway.block_url(key), data=payload(key, MiB))
+
+    async def reader(n: int) -> int:
+        checked = 0
+        for i in range(n):
+            key = keys[i % len(keys)]
+            async with http.get(gateway.block_url(key)) as resp:
+                if resp.status == 404:
+                    continue
+                body = await resp.read()
+                assert body == payload(key, MiB)
+                assert resp.headers["ETag"] == f'"{digest(body).hex()}"'
+                checked += 1
+        return checked
+
+    async def churner() -> None:
+        # Fresh blocks push the readers' blocks down the tiers (and their pages to new owners);
+        # deletes free pages that readers may still be writing to the socket.
+        for i in range(40):
+            key = f"churn:{i}"
+            await http.put(gateway.block_url(key), data=payload(key, MiB))
+            if i % 3 == 0:
+                await http.delete(gateway.block_url(keys[i % len(keys)]))
+                await http.put(
+                    gateway.block_url(keys[i % len(keys)]), data=payload(keys[i % len(keys)], MiB)
+                )
+
+    results = await asyncio.gather(*(reader(30) for _ in range(6)), churner())
+    assert sum(r for r in results if isinstance(r, int)) > 0
+    await gateway.hierarchy.quiesce()
+    assert all(t.pinned_blocks == 0 for t in gateway.hierarchy.tiers if isinstance(t, ArenaTier))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+async def test_cuda_ipc_descriptor_round_trip(gateway: RunningGateway) -> None:
+    """On a GPU host the HBM arena is advertised by CUDA IPC handle and read through it."""
+    data = payload("gpu", MiB)
+    async with KVGateClient(gateway.url) as kv:
+        await kv.put("gpu", data)
+        hbm = gateway.hierarchy.tiers[0]
+        assert isinstance(hbm, ArenaTier)
+        info = hbm.shared_segment()
+        assert info is not None and info.kind == "cuda_ipc"
+        assert gateway.hierarchy.locate("default/gpu") == "hbm"
+        assert await kv.get_many(["gpu"]) == [data]
+        assert kv.uses_shm
