@@ -70,7 +70,8 @@ async def test_arena_lives_in_shared_memory_when_asked() -> None:
     assert read_runs(info.path, place.runs) == data
     pin.release()
     await tier.close()
-    assert not os.path.exists(info.path)
+    with pytest.raises(FileNotFoundError):
+        read_runs(info.path, ())
 
 
 # -- pins -----------------------------------------------------------------------------------
