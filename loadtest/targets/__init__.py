@@ -84,6 +84,22 @@ async def _open_kvgate(options: TargetOptions) -> AsyncIterator[Target]:
 
 
 @contextlib.asynccontextmanager
+async def _open_kvgate_shm(options: TargetOptions) -> AsyncIterator[Target]:
+    from loadtest.targets.shm_target import KvgateShmTarget
+
+    async with contextlib.AsyncExitStack() as stack:
+        url = options.url
+        if url is None:
+            url = await stack.enter_async_context(
+                procs.kvgate_server(sizes=options.kvgate_sizes, extra_args=options.kvgate_args)
+            )
+        target = KvgateShmTarget(url, concurrency=options.concurrency)
+        stack.push_async_callback(target.close)
+        await target.check()
+        yield target
+
+
+@contextlib.asynccontextmanager
 async def _open_dict(options: TargetOptions) -> AsyncIterator[Target]:
     async with contextlib.AsyncExitStack() as stack:
         url = options.url
@@ -137,6 +153,7 @@ async def _open_mooncake(options: TargetOptions) -> AsyncIterator[Target]:
 
 OPENERS: dict[str, Opener] = {
     "kvgate": _open_kvgate,
+    "kvgate-shm": _open_kvgate_shm,
     "dict": _open_dict,
     "redis": _open_redis,
     "mooncake": _open_mooncake,
