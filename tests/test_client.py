@@ -39,6 +39,7 @@ async def test_lookup_prefetch_stats(gateway: RunningGateway) -> None:
         keys = [f"c{i}" for i in range(30)]
         for key in keys:
             await kv.put(key, payload(key, MiB))
+        await gateway.hierarchy.quiesce()  # demotions to disk finish in the background
         hits, tiers = await kv.lookup([*keys[:5], "gap", keys[5]])
         assert hits == 5 and len(tiers) == 5
         stats = await kv.stats()

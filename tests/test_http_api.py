@@ -90,6 +90,7 @@ async def test_stats_have_the_contract_fields_hottest_first(
 ) -> None:
     for i in range(30):
         await put(gateway, http, f"s{i}", MiB)
+    await gateway.hierarchy.quiesce()  # demotions to disk finish in the background (spill_behind)
     await http.get(gateway.block_url("s29"))
     await http.get(gateway.block_url("absent"))
     async with http.get(f"{gateway.url}/v1/stats") as resp:

@@ -71,6 +71,7 @@ async def test_batch_put_then_batch_get_round_trip(
     assert result["stored"] == 30 and result["exists"] == 0
     assert [r["status"] for r in result["results"]] == [201] * 30
 
+    await gateway.hierarchy.quiesce()  # demotions to disk finish in the background (spill_behind)
     wanted = [*keys, "absent", keys[0]]
     async with http.post(f"{gateway.url}/v1/batch/get", json={"keys": wanted}) as resp:
         assert resp.status == 200

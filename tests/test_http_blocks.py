@@ -52,6 +52,7 @@ async def test_blocks_spread_over_tiers_and_all_read_back_exactly(
     for key in keys:
         async with http.put(gateway.block_url(key), data=payload(key, MiB)) as resp:
             assert resp.status == 201
+    await gateway.hierarchy.quiesce()  # demotions to disk finish in the background
     placed = {key: gateway.hierarchy.locate(f"default/{key}") for key in keys}
     assert set(placed.values()) == {"hbm", "dram", "disk"}
     for key in keys:

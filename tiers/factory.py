@@ -28,6 +28,8 @@ class TierSettings:
     disk_compression_level: int = 3
     promote_on_hit: bool = True
     spill_on_close: bool = True
+    spill_behind: int = 8
+    """Background demotions to disk in flight at once (tiers.hierarchy.HierarchyConfig)."""
     shm_dir: Path | None = None
     """Put the CPU arenas in shared memory there (same-host clients map them); None: private."""
 
@@ -70,6 +72,7 @@ async def build_hierarchy(
             write_through=settings.write_through,
             promote_on_hit=settings.promote_on_hit,
             spill_on_close=settings.spill_on_close,
+            spill_behind=settings.spill_behind,
         ),
         clock=clock,
         is_pinned=is_pinned,

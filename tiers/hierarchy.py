@@ -56,6 +56,9 @@ class HierarchyConfig:
     write_through: bool = False
     promote_on_hit: bool = True
     spill_on_close: bool = True
+    spill_behind: int = 0
+    """Demotions into the persistent tier that may run in the background at once (0: none,
+    every demotion completes before the store that caused it)."""
 
 
 @dataclass(slots=True)
@@ -97,6 +100,8 @@ class Hierarchy:
         )
         self._promotions = [0] * len(tiers)
         self._demotions = [0] * len(tiers)
+        spill_behind = self._config.spill_behind
+        self._spill_slots = asyncio.Semaphore(spill_behind) if spill_behind > 0 else None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -139,7 +144,7 @@ class Hierarchy:
     def locate(self, key: str) -> str | None:
         moving = self._moving.get(key)
         if moving is not None:
-            return moving.tier
+            return None if key in self._deleted_while_moving else moving.tier
         loc = self._index.get(key)
         if loc is None or self._expired(loc):
             return None
@@ -162,7 +167,7 @@ class Hierarchy:
         access = hint or Access(key, now=self._clock.time())
         moving = self._moving.get(key)
         if moving is not None:
-            return moving
+            return None if key in self._deleted_while_moving else moving
         loc = self._index.get(key)
         if loc is None:
             for policy in self._policies:
@@ -179,6 +184,9 @@ class Hierarchy:
             log.warning("tier %s failed reading a block; answering a miss: %s", tier.name, exc)
             block = None
         if block is None:
+            if self._index.get(key) is loc and (loc.tier != idx or key in self._moving):
+                # It moved (a promotion or demotion) while this read awaited: read it there.
+                return await self.get(key, hint=hint)
             # Lost or corrupt: the tier dropped it; forget it everywhere above.
             if self._index.get(key) is loc:
                 self._forget(key)
@@ -218,7 +226,9 @@ class Hierarchy:
     # -- writes ----------------------------------------------------------------------------
 
     async def put(self, key: str, block: Block) -> StoreOutcome:
-        if self.contains(key):
+        # A key deleted while it moves between tiers is gone for readers, but cannot be stored
+        # again until the move has ended (the move's clean-up would remove the new copy).
+        if key in self._moving or self.contains(key):
             return StoreOutcome.EXISTS
         pending = self._storing.get(key)
         if pending is not None:
@@ -411,10 +421,24 @@ class Hierarchy:
             self._forget(key)
             return
         self._moving[key] = Hit(block, tier.name)
+        if below == self._persistent and self._spill_slots is not None:
+            # Write-behind: the block leaves this tier now (readable from memory while it moves)
+            # and the slow durable write runs in the background, so a put making room here does
+            # not wait for the disk. Only spill_behind writes at a time: past that, it waits.
+            await self._spill_slots.acquire()
+            self._spawn(self._move_down(i, below, key, loc, block, spill=True))
+            return
+        await self._move_down(i, below, key, loc, block)
+
+    async def _move_down(
+        self, i: int, below: int, key: str, loc: _Loc, block: Block, *, spill: bool = False
+    ) -> None:
         try:
             outcome = await self._store_at(below, key, block)
         finally:
             del self._moving[key]
+            if spill and self._spill_slots is not None:
+                self._spill_slots.release()
         if key in self._deleted_while_moving:
             self._deleted_while_moving.discard(key)
             if outcome in (PutOutcome.STORED, PutOutcome.EXISTS):

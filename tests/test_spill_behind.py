@@ -1,0 +1,88 @@
+"""Write-behind demotion into the persistent tier (HierarchyConfig.spill_behind)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tiers.base import PutOutcome
+from tiers.block import Block
+from tiers.hierarchy import Hierarchy, HierarchyConfig, StoreOutcome
+from tiers.memory import ArenaTier
+
+PAGE = 4096
+
+
+class GatedTier(ArenaTier):
+    """A persistent tier whose stores wait until the test opens the gate."""
+
+    volatile = False
+
+    def __init__(self) -> None:
+        super().__init__("slow", 64 * PAGE, page_bytes=PAGE)
+        self.gate = asyncio.Event()
+        self.waiting = 0
+
+    async def put(self, key: str, block: Block) -> PutOutcome:
+        self.waiting += 1
+        await self.gate.wait()
+        self.waiting -= 1
+        return await super().put(key, block)
+
+
+def block(tag: str) -> Block:
+    return Block.of(tag.encode() * (PAGE // len(tag)))
+
+
+async def test_a_put_does_not_wait_for_the_disk_and_the_victim_stays_readable() -> None:
+    slow = GatedTier()
+    h = Hierarchy(
+        [ArenaTier("hbm", PAGE, page_bytes=PAGE), slow],
+        config=HierarchyConfig(spill_behind=2),
+    )
+    assert await h.put("a", block("a")) is StoreOutcome.STORED
+    # "b" pushes "a" to the slow tier; the put returns while that write is still held.
+    assert await asyncio.wait_for(h.put("b", block("b")), 1.0) is StoreOutcome.STORED
+    await asyncio.sleep(0)
+    assert slow.waiting == 1
+    hit = await h.get("a")
+    assert hit is not None and bytes(hit.block.data) == bytes(block("a").data)
+    assert h.locate("a") == "hbm"  # still in flight from hbm
+    slow.gate.set()
+    await h.quiesce()
+    assert h.locate("a") == "slow"
+    assert slow.contains("a")
+
+
+async def test_a_delete_during_the_background_move_wins() -> None:
+    slow = GatedTier()
+    h = Hierarchy(
+        [ArenaTier("hbm", PAGE, page_bytes=PAGE), slow],
+        config=HierarchyConfig(spill_behind=1),
+    )
+    await h.put("a", block("a"))
+    await h.put("b", block("b"))
+    assert await h.delete("a")
+    assert h.locate("a") is None
+    slow.gate.set()
+    await h.quiesce()
+    assert not slow.contains("a")
+    assert await h.get("a") is None
+
+
+async def test_past_spill_behind_a_put_waits_for_a_slot() -> None:
+    slow = GatedTier()
+    h = Hierarchy(
+        [ArenaTier("hbm", PAGE, page_bytes=PAGE), slow],
+        config=HierarchyConfig(spill_behind=1),
+    )
+    await h.put("a", block("a"))
+    await h.put("b", block("b"))  # "a" in flight: the one slot is taken
+    third = asyncio.ensure_future(h.put("c", block("c")))  # must move "b": waits for the slot
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert not third.done()
+    slow.gate.set()
+    assert await asyncio.wait_for(third, 1.0) is StoreOutcome.STORED
+    await h.quiesce()
+    assert {h.locate(k) for k in "abc"} == {"slow", "hbm"}
+    assert h.locate("c") == "hbm"
