@@ -5,8 +5,10 @@ Seams for later issues, so they plug in without touching handlers:
 * ``context_resolver`` -- who is asking (issue 3: bearer tokens -> tenants);
 * ``middlewares`` -- wrap every request outside the error middleware, so they see the final
   status of every answer (issue 5: tracing, latency histograms);
-* ``hierarchy_factory`` -- what stores the blocks (tests inject clocks; issue 3/4 may wrap the
-  hierarchy in the coherence layer or add a remote tier);
+* ``hierarchy_factory`` -- what stores the blocks (tests inject clocks; issue 4 may add a
+  remote tier); the default one gets the read pins' ``is_pinned`` as its eviction filter;
+* ``scheduler`` / ``token_store`` -- lease timers and durable fencing epochs (tests inject a
+  ``FakeScheduler`` over their ``FakeClock``; the default epochs live in the disk tier);
 * :data:`gateway.state.STATE` -- the one AppKey holding the state, for whoever needs it.
 """
 
@@ -18,6 +20,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from coherence.leases import LeaseTable, TokenStore
+from coherence.pins import PinTable
+from coherence.sched import Scheduler
+from gateway.coherent import Coherence, token_store_for
 from gateway.config import GatewayConfig
 from gateway.context import ContextResolver, resolver_for
 from gateway.errors import (
@@ -56,9 +62,11 @@ def tier_settings(config: GatewayConfig) -> TierSettings:
     )
 
 
-def default_hierarchy_factory(clock: Clock = SYSTEM_CLOCK) -> HierarchyFactory:
+def default_hierarchy_factory(
+    clock: Clock = SYSTEM_CLOCK, *, is_pinned: Callable[[str], bool] | None = None
+) -> HierarchyFactory:
     async def factory(config: GatewayConfig) -> Hierarchy:
-        return await build_hierarchy(tier_settings(config), clock=clock)
+        return await build_hierarchy(tier_settings(config), clock=clock, is_pinned=is_pinned)
 
     return factory
 
@@ -105,14 +113,18 @@ def create_app(
     clock: Clock = SYSTEM_CLOCK,
     context_resolver: ContextResolver | None = None,
     middlewares: Sequence[Middleware] = (),
+    scheduler: Scheduler | None = None,
+    token_store: TokenStore | None = None,
 ) -> web.Application:
-    """The gateway app; the hierarchy is built on startup and closed (spilled) on cleanup."""
+    """The gateway app; the hierarchy is built on startup and closed (spilled) on cleanup,
+    the lease table opened after it and closed before it."""
     state = GatewayState(
         config=config,
         clock=clock,
         resolve=context_resolver or resolver_for(config.tenants),
+        pins=PinTable(clock=clock),
     )
-    factory = hierarchy_factory or default_hierarchy_factory(clock)
+    factory = hierarchy_factory or default_hierarchy_factory(clock, is_pinned=state.pins.is_pinned)
     app = web.Application(
         middlewares=[*middlewares, error_middleware],
         # Block bodies are read by hand with their own limits (checked before reading); this
@@ -130,7 +142,30 @@ def create_app(
             # close() spills the volatile tiers to disk before closing them.
             await hierarchy.close()
 
+    async def coherence_ctx(app: web.Application) -> AsyncIterator[None]:
+        hierarchy = state.store
+        leases = LeaseTable(
+            token_store or token_store_for(hierarchy), clock=clock, scheduler=scheduler
+        )
+        # Reserves a fresh fencing epoch (a durable increment): every token of a previous run
+        # is older than any this run hands out.
+        await leases.open()
+        state.coherence = Coherence(hierarchy, leases, state.pins)
+        try:
+            yield
+        finally:
+            state.coherence = None
+            leases.stop_waiting()
+
+    async def wake_waiters(app: web.Application) -> None:
+        # Graceful shutdown waits for in-flight requests: parked GETs answer now, not after
+        # their wait_ms.
+        if state.coherence is not None:
+            state.coherence.leases.stop_waiting()
+
     app.cleanup_ctx.append(tiers_ctx)
+    app.cleanup_ctx.append(coherence_ctx)
+    app.on_shutdown.append(wake_waiters)
     add_routes(app, Handlers(state))
     return app
 
@@ -147,9 +182,9 @@ def add_routes(app: web.Application, h: Handlers) -> None:
     r.add_post("/v1/prefetch", h.prefetch)
     r.add_post("/v1/batch/get", h.batch_get)
     r.add_post("/v1/batch/put", h.batch_put)
-    r.add_post("/v1/leases", h.leases_not_ready)
-    r.add_post("/v1/leases/{lease_id}/renew", h.leases_not_ready)
-    r.add_delete("/v1/leases/{lease_id}", h.leases_not_ready)
+    r.add_post("/v1/leases", h.acquire_lease)
+    r.add_post("/v1/leases/{lease_id}/renew", h.renew_lease)
+    r.add_delete("/v1/leases/{lease_id}", h.release_lease)
     r.add_get("/v1/stats", h.stats, allow_head=False)
     r.add_get("/metrics", h.metrics, allow_head=False)
     r.add_get("/healthz", h.healthz, allow_head=False)

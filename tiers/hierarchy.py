@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tiers.base import PutOutcome, Tier, TierStats
-from tiers.block import Block, split_key
+from tiers.block import TENANT_SEP, Block, split_key
 from tiers.clock import SYSTEM_CLOCK, Clock
 from tiers.errors import TierConfigError, TierError
 from tiers.policy import Access, EvictionPolicy, make_policy
@@ -35,6 +35,7 @@ class StoreOutcome(enum.Enum):
     EXISTS = "exists"
     NO_ROOM = "no_room"  # nothing evictable in any tier that could hold it
     TOO_LARGE = "too_large"  # larger than every tier
+    FENCED = "fenced"  # the caller's publish check refused it at the last moment: nothing visible
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,18 +185,31 @@ class Hierarchy:
 
     # -- writes ----------------------------------------------------------------------------
 
-    async def put(self, key: str, block: Block) -> StoreOutcome:
-        if self.contains(key):
-            return StoreOutcome.EXISTS
-        pending = self._storing.get(key)
-        if pending is not None:
+    async def put(
+        self, key: str, block: Block, *, publish_if: Callable[[], bool] | None = None
+    ) -> StoreOutcome:
+        """Store ``block`` under ``key`` unless present (first writer wins).
+
+        ``publish_if`` is asked at the last synchronous point before the block becomes visible
+        (after it is staged in a tier, before it is indexed): ``False`` unstages it and answers
+        ``FENCED``, so a writer that lost its lease while its bytes were being stored never
+        publishes them.
+        """
+        while True:
+            if self.contains(key):
+                return StoreOutcome.EXISTS
+            pending = self._storing.get(key)
+            if pending is None:
+                break
             # Same key stored concurrently: first writer wins, the others see it present.
             outcome = await asyncio.shield(pending)
-            return StoreOutcome.EXISTS if outcome is StoreOutcome.STORED else outcome
+            if outcome is not StoreOutcome.FENCED:
+                return StoreOutcome.EXISTS if outcome is StoreOutcome.STORED else outcome
+            # The first writer was fenced off and published nothing: this one may still.
         future: asyncio.Future[StoreOutcome] = asyncio.get_running_loop().create_future()
         self._storing[key] = future
         try:
-            outcome = await self._put_new(key, block)
+            outcome = await self._put_new(key, block, publish_if)
             future.set_result(outcome)
             return outcome
         except BaseException as exc:
@@ -205,7 +219,9 @@ class Hierarchy:
         finally:
             del self._storing[key]
 
-    async def _put_new(self, key: str, block: Block) -> StoreOutcome:
+    async def _put_new(
+        self, key: str, block: Block, publish_if: Callable[[], bool] | None
+    ) -> StoreOutcome:
         size = block.meta.size
         if not any(t.could_ever_fit(size) for t in self._tiers):
             return StoreOutcome.TOO_LARGE
@@ -216,6 +232,9 @@ class Hierarchy:
             # The durable copy first: a block acknowledged under write-through survives a crash.
             if await self._store_at(self._persistent, key, block) is not PutOutcome.STORED:
                 return StoreOutcome.NO_ROOM
+            if publish_if is not None and not publish_if():
+                await self._unstage(self._persistent, key)
+                return StoreOutcome.FENCED
             durable = True
             self._index[key] = _Loc(self._persistent, size, block.meta.expires_at, durable=True)
             self._account(key, size)
@@ -231,6 +250,11 @@ class Hierarchy:
                 if key in self._index:
                     self._index[key].tier = i
                 else:
+                    # No await since the tier stored it: the check and the index entry that
+                    # makes the block visible happen in one step of the event loop.
+                    if publish_if is not None and not publish_if():
+                        await self._unstage(i, key)
+                        return StoreOutcome.FENCED
                     self._index[key] = _Loc(i, size, block.meta.expires_at)
                     self._account(key, size)
                 return StoreOutcome.STORED
@@ -252,6 +276,42 @@ class Hierarchy:
                 except TierError as exc:
                     log.warning("tier %s failed deleting a block: %s", tier.name, exc)
         return True
+
+    async def shed(self, tenant: str, nbytes: int) -> int:
+        """Drop at least ``nbytes`` of ``tenant``'s own blocks, coldest tier first; bytes freed.
+
+        For quotas: victims come from each tier's policy, restricted to the tenant's keys and
+        skipping pinned or moving blocks, so another tenant's data is never touched. Dropped
+        blocks leave every tier (a quota counts a block once, wherever it lives). Frees less
+        than asked when the tenant has nothing more that may go.
+        """
+        prefix = tenant + TENANT_SEP
+        freed = 0
+
+        def not_ours(key: str) -> bool:
+            return not key.startswith(prefix) or self._excluded(key)
+
+        for i in range(len(self._tiers) - 1, -1, -1):
+            policy = self._policies[i]
+            while freed < nbytes:
+                victim = policy.victim(not_ours)
+                if victim is None:
+                    break
+                loc = self._index.get(victim)
+                if loc is None:
+                    policy.on_remove(victim)  # a stale policy entry: forget it and go on
+                    continue
+                await self.delete(victim)
+                freed += loc.size
+        return freed
+
+    def size_of(self, key: str) -> int | None:
+        """The block's size in bytes if it is present (an index look-up, no I/O)."""
+        moving = self._moving.get(key)
+        if moving is not None:
+            return moving.block.meta.size
+        loc = self._index.get(key)
+        return None if loc is None or self._expired(loc) else loc.size
 
     async def prefetch(self, keys: Sequence[str]) -> int:
         """Schedule promotion of the colder ones among ``keys``; returns how many."""
@@ -322,6 +382,14 @@ class Hierarchy:
         if loc is not None:
             tenant = split_key(key)[0]
             self._tenant_bytes[tenant] = self._tenant_bytes.get(tenant, 0) - loc.size
+
+    async def _unstage(self, i: int, key: str) -> None:
+        """Take back a block stored in tier ``i`` but never indexed (so never visible)."""
+        self._policies[i].on_remove(key)
+        try:
+            await self._tiers[i].delete(key)
+        except TierError as exc:
+            log.warning("tier %s failed dropping a fenced block: %s", self._tiers[i].name, exc)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
