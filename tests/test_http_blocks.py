@@ -55,6 +55,8 @@ async def test_blocks_spread_over_tiers_and_all_read_back_exactly(
     placed = {key: gateway.hierarchy.locate(f"default/{key}") for key in keys}
     assert set(placed.values()) == {"hbm", "dram", "disk"}
     for key in keys:
+        # Earlier hits promote in the background and may demote this block: settle first.
+        await gateway.hierarchy.quiesce()
         tier_before = gateway.hierarchy.locate(f"default/{key}")
         async with http.get(gateway.block_url(key)) as resp:
             assert resp.status == 200

@@ -55,7 +55,14 @@ from tiers.base import PutOutcome, TierStats
 from tiers.block import Block, digest
 from tiers.clock import SYSTEM_CLOCK, Clock
 from tiers.errors import CorruptBlock, TierClosed, TierConfigError, TierError, TierIOError
-from tiers.frame import DEFAULT_LEVEL, MAX_FRAME_OVERHEAD, ByteGroup, decode_frame, encode_frame
+from tiers.frame import (
+    DEFAULT_LEVEL,
+    MAX_FRAME_OVERHEAD,
+    ByteGroup,
+    decode_frame,
+    encode_frame,
+    frame_raw_length,
+)
 from tiers.ledger import CapacityLedger
 
 MIN_CAPACITY_BYTES: Final = 1 << 20
@@ -197,6 +204,7 @@ class DiskTier:
         self._ledger_budget = max(0, capacity_bytes - reserve)
         self._ledger = CapacityLedger(self._ledger_budget)
         self._present: set[str] = set()
+        self._sizes: dict[str, int] = {}  # raw (uncompressed) bytes per block, for quotas
         self._gate = _ResizeGate()
         self._own_executor = executor is None
         self._pool: Executor = executor or ThreadPoolExecutor(
@@ -255,6 +263,10 @@ class DiskTier:
 
     def contains(self, key: str) -> bool:
         return key in self._present
+
+    def size_of(self, key: str) -> int:
+        """Uncompressed bytes of a stored block (0 when absent): what quotas count."""
+        return self._sizes.get(key, 0)
 
     def keys(self) -> list[str]:
         return list(self._present)
@@ -325,6 +337,8 @@ class DiskTier:
             result = await self._submit_key_op("put", key, frame)
             if result is _NO_ROOM:
                 return PutOutcome.NO_ROOM
+            if result and key in self._present:
+                self._sizes[key] = block.meta.size
             return PutOutcome.STORED if result else PutOutcome.EXISTS
 
     async def delete(self, key: str) -> bool:
@@ -479,6 +493,7 @@ class DiskTier:
                 self._ledger.release(op.key)
         elif op.kind in ("delete", "pop") and not isinstance(result, BaseException):
             self._present.discard(op.key)
+            self._sizes.pop(op.key, None)
             self._ledger.release(op.key)
         if op.future.done():
             return
@@ -646,6 +661,7 @@ class DiskTier:
                     drop.append(lkey)  # not ours, or over a budget that shrank since
                     continue
                 self._present.add(key)
+                self._sizes[key] = frame_raw_length(v)
         if drop:
             with self._env.begin(write=True) as txn:
                 for lkey in drop:
