@@ -245,6 +245,32 @@ async def test_a_late_write_by_the_newest_holder_is_admitted(gateway: RunningGat
         assert await kv.get("k") == b"late but newest"
 
 
+async def test_a_holder_that_dies_mid_upload_leaves_nothing_and_frees_the_key(
+    gateway: RunningGateway,
+) -> None:
+    async with KVGateClient(gateway.url) as kv:
+        lease = await kv.acquire_lease("k", ttl_ms=1_000)
+        assert isinstance(lease, Lease)
+        parked = asyncio.create_task(kv.get_block("k", wait_ms=60_000))
+        await until(lambda: waiters(gateway) == 1)
+        host, port = gateway.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            b"PUT /v1/blocks/k HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+            + f"X-KV-Lease-Token: {lease.token}\r\n\r\n".encode()
+            + b"half of a prefill"
+        )
+        writer.write_eof()  # the writer dies: the body ends early
+        assert await reader.read() == b""  # the server drops the connection, answering nothing
+        writer.close()
+        assert await kv.get("k") is None and not gateway.hierarchy.contains("default/k")
+        assert live_leases(gateway) == 1 and not parked.done()
+        gateway.scheduler.advance(1.1)  # its lease runs out: the waiter is told, the key is free
+        assert await parked is None
+        again = await kv.acquire_lease("k", ttl_ms=1_000)
+        assert isinstance(again, Lease) and again.token > lease.token
+
+
 async def test_tokens_keep_growing_across_a_restart(tmp_path: Path) -> None:
     data = tmp_path / "data"
     async with running_gateway(data) as gw, KVGateClient(gw.url) as kv:
