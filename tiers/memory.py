@@ -16,12 +16,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from opentelemetry.trace import Span
 
 from tiers.allocator import PageAllocator, Run
 from tiers.base import PutOutcome, TierStats
 from tiers.block import Block, BlockMeta
 from tiers.errors import TierClosed, TierConfigError
 from tiers.ledger import CapacityLedger
+from tiers.observe import ATTR_BYTES, ATTR_TIER, child_span
 
 log = logging.getLogger(__name__)
 
@@ -200,20 +202,40 @@ class ArenaTier:
         return entry
 
     async def _write(self, arena: torch.Tensor, runs: list[Run], data: bytes | memoryview) -> None:
-        if self._view is not None and len(data) <= self._inline_copy_bytes:
-            _copy_in(self._view, runs, memoryview(data))
-            return
-        await asyncio.get_running_loop().run_in_executor(
-            self._executor, _copy_in_tensor, arena, runs, data
-        )
+        view = self._view if len(data) <= self._inline_copy_bytes else None
+        # The span lives on the loop, around the awaited executor call: no context crosses threads.
+        with child_span("kvgate.tier.copy") as span:
+            if span.is_recording():
+                self._copy_attrs(span, "in", len(data), view is not None)
+            if view is not None:
+                _copy_in(view, runs, memoryview(data))
+                return
+            await asyncio.get_running_loop().run_in_executor(
+                self._executor, _copy_in_tensor, arena, runs, data
+            )
 
     async def _read(self, entry: _Entry) -> bytes | memoryview:
         size = entry.meta.size
-        if self._view is not None and size <= self._inline_copy_bytes:
-            return _copy_out(self._view, entry.runs)
-        arena = self._live()
-        return await asyncio.get_running_loop().run_in_executor(
-            self._executor, _copy_out_tensor, arena, entry.runs, size
+        view = self._view if size <= self._inline_copy_bytes else None
+        with child_span("kvgate.tier.copy") as span:
+            if span.is_recording():
+                self._copy_attrs(span, "out", size, view is not None)
+            if view is not None:
+                return _copy_out(view, entry.runs)
+            arena = self._live()
+            return await asyncio.get_running_loop().run_in_executor(
+                self._executor, _copy_out_tensor, arena, entry.runs, size
+            )
+
+    def _copy_attrs(self, span: Span, direction: str, size: int, inline: bool) -> None:
+        span.set_attributes(
+            {
+                ATTR_TIER: self.name,
+                ATTR_BYTES: size,
+                "kvgate.copy.direction": direction,
+                "kvgate.copy.device": self.device,
+                "kvgate.copy.path": "inline" if inline else "executor",
+            }
         )
 
 
