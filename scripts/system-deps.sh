@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests and benchmarks need (redis-server, docker-compose for
-# validating compose.yaml). Idempotent and quiet when everything is present; needs root or sudo
-# only when something is missing.
+# validating compose.yaml, chromium for the headless dashboard test). Idempotent and quiet when
+# everything is present; needs root or sudo only when something is missing.
 set -euo pipefail
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  need+=(chromium fonts-dejavu-core)
+fi
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi
