@@ -1,0 +1,235 @@
+"""Unit and property tests of every eviction policy (tiers.policy registry + tiers.policies)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tiers.errors import TierConfigError
+from tiers.policies import (
+    BeladyPolicy,
+    ChainLRUPolicy,
+    FutureOracle,
+    PrefixLRU2Policy,
+    TTLPolicy,
+    WTinyLFUPolicy,
+)
+from tiers.policies.sketch import FrequencySketch
+from tiers.policy import DEFAULT_POLICY, Access, EvictionPolicy, make_policy, policy_names
+
+LIVE = ["lru", "chain-lru", "prefix-lru2", "w-tinylfu", "ttl"]
+
+
+def miss_insert(p: EvictionPolicy, key: str, now: float = 0.0, **kw: object) -> None:
+    a = Access(key, 1, now, **kw)  # type: ignore[arg-type]
+    p.on_miss(a)
+    assert p.admit(a)
+    p.on_insert(a)
+
+
+def drain(p: EvictionPolicy) -> list[str]:
+    out = []
+    while (v := p.victim()) is not None:
+        out.append(v)
+        p.on_remove(v)
+    return out
+
+
+def test_registry_has_every_policy_and_default() -> None:
+    names = policy_names()
+    for name in LIVE:
+        assert name in names
+        assert make_policy(name).name == name
+    assert DEFAULT_POLICY in names
+    assert make_policy().name == DEFAULT_POLICY
+    with pytest.raises(TierConfigError):
+        make_policy("no-such-policy")
+
+
+@pytest.mark.parametrize("name", LIVE)
+def test_protocol_exclude_and_remove(name: str) -> None:
+    p = make_policy(name)
+    assert isinstance(p, EvictionPolicy)
+    assert p.victim() is None
+    for i in range(5):
+        miss_insert(p, f"k{i}", now=float(i))
+    assert len(p) == 5
+    first = p.victim()
+    assert first is not None
+    other = p.victim(lambda k: k == first)
+    assert other is not None and other != first
+    assert p.victim(lambda k: True) is None
+    p.on_remove(first)
+    assert len(p) == 4
+    assert first not in drain(p)
+    assert len(p) == 0
+
+
+def test_lru_order() -> None:
+    p = make_policy("lru")
+    for k in "abc":
+        miss_insert(p, k)
+    p.on_hit(Access("a"))
+    assert drain(p) == ["b", "c", "a"]
+
+
+def test_chain_lru_evicts_tail_before_head() -> None:
+    p = ChainLRUPolicy()
+    prev = None
+    for d, k in enumerate(["r0", "r1", "r2"]):
+        miss_insert(p, k, depth=d, prev=prev)
+        prev = k
+    miss_insert(p, "other")
+    # the older chain goes first, deepest block first; plain LRU would cut it at the head
+    assert drain(p) == ["r2", "r1", "r0", "other"]
+
+
+def test_chain_lru_without_hints_is_lru() -> None:
+    p = ChainLRUPolicy()
+    for k in "abc":
+        miss_insert(p, k)
+    p.on_hit(Access("a"))
+    assert drain(p) == ["b", "c", "a"]
+
+
+def test_prefix_lru2_one_hit_wonders_go_first() -> None:
+    p = PrefixLRU2Policy()
+    miss_insert(p, "hot", now=0.0)
+    p.on_hit(Access("hot", now=1.0))  # seen twice: has a penultimate access
+    for i in range(3):
+        miss_insert(p, f"once{i}", now=2.0 + i)  # newer, but seen once
+    assert drain(p) == ["once0", "once1", "once2", "hot"]
+
+
+def test_prefix_lru2_remembers_blocks_that_left() -> None:
+    p = PrefixLRU2Policy()
+    miss_insert(p, "back", now=0.0)
+    p.on_remove("back")
+    miss_insert(p, "new", now=5.0)
+    miss_insert(p, "back", now=6.0)  # second sighting: ranks above the once-seen "new"
+    assert drain(p) == ["new", "back"]
+
+
+def test_prefix_lru2_child_never_outranks_parent() -> None:
+    p = PrefixLRU2Policy()
+    miss_insert(p, "root", now=0.0, depth=0)
+    miss_insert(p, "child", now=0.0, depth=1, prev="root")
+    # the child alone is seen again (say through another tier); it still goes before its parent
+    p.on_hit(Access("child", now=1.0, depth=1, prev="root"))
+    assert drain(p) == ["child", "root"]
+
+
+def test_wtinylfu_frequent_block_survives_a_scan() -> None:
+    p = WTinyLFUPolicy()
+    resident: set[str] = set()
+    cap = 50
+
+    def put(key: str) -> None:
+        a = Access(key)
+        if key in resident:
+            p.on_hit(a)
+            return
+        p.on_miss(a)
+        if not p.admit(a):
+            return
+        while len(resident) >= cap:
+            v = p.victim()
+            assert v in resident
+            resident.discard(v)
+            p.on_remove(v)
+        resident.add(key)
+        p.on_insert(a)
+
+    for i in range(cap):
+        put(f"warm{i}")
+    for _ in range(5):
+        put("hot")
+    for i in range(500):
+        put(f"scan{i}")
+    assert "hot" in resident
+    assert len(resident) == cap
+
+
+def test_ttl_expiry_and_deadline_order() -> None:
+    p = TTLPolicy(ttl=10.0)
+    miss_insert(p, "a", now=0.0)
+    p.on_insert(Access("b", now=1.0, ttl=2.0))  # its own, shorter TTL
+    miss_insert(p, "c", now=2.0)
+    assert p.victim() == "b"
+    assert p.expired(3.5) == ["b"]
+    p.on_hit(Access("a", now=5.0))  # sliding: a now lives until 15
+    assert p.expired(12.5) == ["b", "c"]
+    assert drain(p) == ["b", "c", "a"]
+    with pytest.raises(ValueError):
+        TTLPolicy(ttl=0)
+
+
+def test_belady_evicts_furthest_next_use_and_bypasses() -> None:
+    seq = ["a", "b", "c", "a", "b", "a"]
+    oracle = FutureOracle(seq)
+    p = BeladyPolicy(oracle, capacity=2)
+    for k in seq[:2]:
+        oracle.advance(k)
+        p.on_insert(Access(k))
+    oracle.advance("c")  # c is never used again: not worth a slot
+    assert not p.admit(Access("c"))
+    assert p.victim() == "b"  # b comes back after a
+    with pytest.raises(ValueError):
+        oracle.advance("z")
+
+
+def test_sketch_counts_ages_and_widens() -> None:
+    s = FrequencySketch(64, sample_factor=10)
+    for _ in range(7):
+        s.increment("x")
+    assert s.estimate("x") >= 7
+    assert s.estimate("never") <= 1
+    s.ensure_capacity(1000)
+    assert s.width >= 1000
+    assert s.estimate("x") >= 7  # widening keeps upper bounds
+    for i in range(s.width * 10):
+        s.increment(f"noise{i}")
+    assert s.estimate("x") < 7  # halved at least once
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    name=st.sampled_from(LIVE),
+    ops=st.lists(
+        st.tuples(st.sampled_from(["access", "remove", "evict"]), st.integers(0, 12)),
+        max_size=80,
+    ),
+)
+def test_policy_tracks_resident_set(name: str, ops: list[tuple[str, int]]) -> None:
+    p = make_policy(name)
+    resident: set[str] = set()
+    now = 0.0
+    for op, i in ops:
+        key = f"k{i}"
+        now += 1.0
+        depth = i % 4
+        prev = f"k{i - 1}" if depth else None
+        a = Access(key, 1, now, depth, prev)
+        if op == "access":
+            if key in resident:
+                p.on_hit(a)
+            else:
+                p.on_miss(a)
+                if p.admit(a):
+                    p.on_insert(a)
+                    resident.add(key)
+        elif op == "remove":
+            p.on_remove(key)
+            resident.discard(key)
+        else:
+            banned = f"k{i}"
+            v = p.victim(lambda k, b=banned: k == b)
+            assert v != banned
+            if v is None:
+                assert resident <= {banned}
+            else:
+                assert v in resident
+                p.on_remove(v)
+                resident.discard(v)
+        assert len(p) == len(resident)

@@ -1,0 +1,174 @@
+"""The trace replay CLI (loadtest.replay) and its simulator."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+
+from loadtest import replay
+from loadtest.simulate import read_trace
+
+REAL_TRACE = Path("/work/shared/traces/synthetic_trace.jsonl")
+
+
+def write_trace(path: Path, *, requests: int = 300, seed: int = 7) -> Path:
+    """Sessions that come back with longer prompts, over a few shared system prompts."""
+    rng = random.Random(seed)
+    next_id = 1000
+    sessions: list[list[int]] = []
+    lines = []
+    for i in range(requests):
+        if sessions and rng.random() < 0.6:
+            chain = rng.choice(sessions)
+        else:
+            chain = [rng.randrange(5) * 100 + j for j in range(rng.randrange(1, 4))]
+            sessions.append(chain)
+        for _ in range(rng.randrange(1, 6)):
+            chain.append(next_id)
+            next_id += 1
+        lines.append(
+            json.dumps(
+                {
+                    "timestamp": i * 50,
+                    "input_length": 512 * len(chain),
+                    "output_length": 8,
+                    "hash_ids": list(chain),
+                }
+            )
+        )
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def reference_lru(path: Path, capacity: int) -> float:
+    """A plain LRU prefix cache, independent of tiers.policy."""
+    cache: OrderedDict[str, None] = OrderedDict()
+    hits = total = 0
+    for line in path.read_text().splitlines():
+        keys = [str(h) for h in json.loads(line)["hash_ids"]]
+        total += len(keys)
+        prefix = True
+        for key in keys:
+            if key in cache:
+                cache.move_to_end(key)
+                hits += prefix
+            else:
+                prefix = False
+                if capacity == 0:
+                    continue
+                if len(cache) >= capacity:
+                    cache.popitem(last=False)
+                cache[key] = None
+    return hits / total
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, object]:
+    assert replay.main(list(args)) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(out[-1])
+    assert isinstance(result, dict)
+    return result
+
+
+def test_last_line_is_json_with_fields(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trace = write_trace(tmp_path / "t.jsonl")
+    r = run(capsys, "--trace", str(trace), "--simulate", "--capacity-blocks", "64")
+    for field in (
+        "prefix_hit_ratio",
+        "policy",
+        "hits",
+        "requested_blocks",
+        "capacity_blocks",
+        "elapsed_s",
+    ):
+        assert field in r
+    assert r["capacity_blocks"] == 64
+    assert 0 < float(r["prefix_hit_ratio"]) < 1  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("capacity", [0, 16, 64, 256])
+def test_lru_agrees_with_reference(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], capacity: int
+) -> None:
+    trace = write_trace(tmp_path / "t.jsonl")
+    r = run(
+        capsys,
+        "--trace",
+        str(trace),
+        "--simulate",
+        "--capacity-blocks",
+        str(capacity),
+        "--policy",
+        "lru",
+    )
+    assert r["policy"] == "lru"
+    assert round(float(r["prefix_hit_ratio"]), 3) == round(  # type: ignore[arg-type]
+        reference_lru(trace, capacity), 3
+    )
+
+
+@pytest.mark.skipif(not REAL_TRACE.exists(), reason="shared trace not present")
+def test_lru_agrees_with_reference_on_mooncake_trace(capsys: pytest.CaptureFixture[str]) -> None:
+    r = run(
+        capsys,
+        "--trace",
+        str(REAL_TRACE),
+        "--simulate",
+        "--capacity-blocks",
+        "878",
+        "--policy",
+        "lru",
+    )
+    assert round(float(r["prefix_hit_ratio"]), 3) == round(  # type: ignore[arg-type]
+        reference_lru(REAL_TRACE, 878), 3
+    )
+
+
+def test_belady_bounds_online_block_hits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trace = write_trace(tmp_path / "t.jsonl")
+    base = ["--trace", str(trace), "--simulate", "--capacity-blocks", "48"]
+    opt = run(capsys, *base, "--policy", "belady")
+    assert opt["policy"] == "belady"
+    for name in ("lru", "prefix-lru2", "w-tinylfu"):
+        r = run(capsys, *base, "--policy", name)
+        assert float(opt["block_hit_ratio"]) >= float(r["block_hit_ratio"])  # type: ignore[arg-type]
+
+
+def test_tiers_and_fraction(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trace = write_trace(tmp_path / "t.jsonl")
+    r = run(capsys, "--trace", str(trace), "--simulate", "--tiers", "hbm=8,dram=32,disk=128")
+    tiers = r["tiers"]
+    assert isinstance(tiers, list)
+    assert [t["name"] for t in tiers] == ["hbm", "dram", "disk"]
+    assert sum(t["prefix_hits"] for t in tiers) == r["hits"]
+    assert all(t["blocks"] <= t["capacity_blocks"] for t in tiers)
+    assert tiers[1]["inserts"] > 0  # evictions from hbm were demoted, not dropped
+    distinct = len({k for req in read_trace(trace) for k in req.keys})
+    r = run(capsys, "--trace", str(trace), "--simulate", "--capacity-fraction", "0.1")
+    assert r["capacity_blocks"] == int(0.1 * distinct)
+
+
+def test_bad_arguments_exit_nonzero(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trace = write_trace(tmp_path / "t.jsonl", requests=5)
+    assert replay.main(["--trace", str(trace), "--simulate"]) == 2
+    assert (
+        replay.main(
+            ["--trace", str(trace), "--simulate", "--capacity-blocks", "4", "--policy", "nope"]
+        )
+        == 2
+    )
+    assert (
+        replay.main(
+            ["--trace", str(tmp_path / "missing.jsonl"), "--simulate", "--capacity-blocks", "4"]
+        )
+        == 2
+    )
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"timestamp": 0}\n')
+    assert replay.main(["--trace", str(bad), "--simulate", "--capacity-blocks", "4"]) == 2
