@@ -38,7 +38,7 @@ async def build_hierarchy(
     is_pinned: Callable[[str], bool] | None = None,
 ) -> Hierarchy:
     """Create, open and index the tiers; the caller closes the hierarchy."""
-    from tiers.disk import DiskTier  # noqa: PLC0415 - keeps LMDB out of arena-only imports
+    from tiers.disk import DiskTier  # lazy: keeps LMDB out of arena-only imports
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     disk = await DiskTier.open(
