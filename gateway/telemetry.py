@@ -24,12 +24,14 @@ runs on its own thread, off the request path.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from aiohttp import web
 from opentelemetry import propagate
@@ -54,8 +56,17 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.metrics import HierarchySource, KvgateMetrics
+from tiers.block import split_key
 from tiers.hierarchy import Hierarchy
-from tiers.observe import reset_tracer, use_tracer
+from tiers.observe import (
+    ATTR_KEY_HASH,
+    ATTR_OUTCOME,
+    ATTR_TENANT,
+    child_span,
+    key_hash,
+    reset_tracer,
+    use_tracer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +264,24 @@ def _route(request: web.Request) -> str:
     if resource is None:
         return "unmatched"
     return resource.canonical
+
+
+E = TypeVar("E", bound=enum.Enum)
+
+
+async def traced_lease_wait(metrics: KvgateMetrics, scoped_key: str, waiting: Awaitable[E]) -> E:
+    """Await a lease wait (``LeaseTable.wait(...)``) under a ``kvgate.lease.wait`` span, and
+    record its duration under its outcome's value (committed, gone, timeout, no_lease)."""
+    started = time.perf_counter()
+    with child_span("kvgate.lease.wait") as span:
+        if span.is_recording():
+            span.set_attribute(ATTR_TENANT, split_key(scoped_key)[0])
+            span.set_attribute(ATTR_KEY_HASH, key_hash(scoped_key))
+        outcome = await waiting
+        if span.is_recording():
+            span.set_attribute(ATTR_OUTCOME, str(outcome.value))
+    metrics.lease_wait(time.perf_counter() - started, outcome=str(outcome.value))
+    return outcome
 
 
 # -- app wiring -------------------------------------------------------------------------------

@@ -19,12 +19,17 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import SpanKind, StatusCode
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.telemetry import Telemetry, TelemetryConfig
+from coherence.leases import Granted, LeaseTable, MemoryTokenStore
+from coherence.sched import FakeScheduler
+from gateway.telemetry import Telemetry, TelemetryConfig, traced_lease_wait
 from tests.obskit import BLOCK, Served, build_app, serve, small_hierarchy
 from tests.tierkit import payload
-from tiers.observe import ATTR_HIT, ATTR_TIER
+from tiers.block import scoped_key
+from tiers.clock import FakeClock
+from tiers.observe import ATTR_HIT, ATTR_TIER, reset_tracer, use_tracer
 
 TIERS = ["hbm", "dram", "disk"]
 KEYS = [f"k{i}" for i in range(6)]  # hbm and dram hold two each: k0, k1 end up on disk
@@ -359,3 +364,62 @@ async def test_sampler_comes_from_env_and_respects_a_sampled_parent(
         if s.name.endswith("_count") and s.labels["method"] == "PUT"
     )
     assert put_count == len(KEYS)
+
+
+# -- lease metrics: the hooks the coherence layer records through ------------------------------
+
+
+async def test_lease_metrics_and_wait_span() -> None:
+    clock = FakeClock()
+    table = LeaseTable(MemoryTokenStore(), clock=clock, scheduler=FakeScheduler(clock))
+    await table.open()
+    exporter = InMemorySpanExporter()
+    telemetry = Telemetry(
+        TelemetryConfig(), span_processors=[SimpleSpanProcessor(exporter)], sampler=ALWAYS_ON
+    )
+    metrics = telemetry.metrics
+    metrics.bind_leases(table.stats)
+    key = scoped_key("alice", "blk")
+    granted = await table.acquire(key, 5_000)
+    assert isinstance(granted, Granted)
+    metrics.lease_event("granted", tenant="alice")
+    metrics.lease_event("conflict", tenant="bob", count=2)
+    with pytest.raises(ValueError, match="unknown lease event"):
+        metrics.lease_event("bogus", tenant="alice")
+    assert telemetry.tracer_provider is not None
+    tracer = telemetry.tracer_provider.get_tracer("test")
+    token = use_tracer(telemetry.tracer_provider.get_tracer("kvgate.tiers"))
+    try:
+        with tracer.start_as_current_span("request"):
+            waiting = asyncio.ensure_future(traced_lease_wait(metrics, key, table.wait(key, 1_000)))
+            await asyncio.sleep(0)  # let the waiter park (no time passes: FakeClock)
+            families = {
+                f.name: f
+                for f in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+            }
+            assert families["kvgate_lease_waiters"].samples[0].value == 1
+            assert families["kvgate_leases_live"].samples[0].value == 1
+            assert table.commit(granted.lease_id, granted.token)
+            outcome = await waiting
+    finally:
+        reset_tracer(token)
+    assert outcome.value == "committed"
+    text = generate_latest(metrics.registry).decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    events = {
+        (s.labels["event"], s.labels["tenant"]): s.value
+        for s in families["kvgate_lease_events"].samples
+        if s.name.endswith("_total")
+    }
+    assert events == {("granted", "alice"): 1.0, ("conflict", "bob"): 2.0}
+    assert families["kvgate_lease_waiters"].samples[0].value == 0
+    waits = {
+        s.labels["outcome"]: s.value
+        for s in families["kvgate_lease_wait_seconds"].samples
+        if s.name.endswith("_count")
+    }
+    assert waits == {"committed": 1.0}
+    spans = [s for s in exporter.get_finished_spans() if s.name == "kvgate.lease.wait"]
+    assert len(spans) == 1 and attr(spans[0], "kvgate.outcome") == "committed"
+    assert attr(spans[0], "kvgate.tenant") == "alice"
+    telemetry.shutdown()
