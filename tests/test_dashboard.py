@@ -83,13 +83,13 @@ class Cells(HTMLParser):
             self._row = (a["data-tier"] or "", a.get("data-op") or "")
             self.rows[self._row] = {}
         elif tag == "td" and self._row is not None and a.get("data-field"):
-            self._field = a["data-field"]
-            self.rows[self._row][self._field] = ""
+            field = self._field = a["data-field"] or ""
+            self.rows[self._row][field] = ""
             if a.get("data-value") is not None:
-                self.rows[self._row][self._field + ".value"] = a["data-value"] or ""
+                self.rows[self._row][field + ".value"] = a["data-value"] or ""
         elif a.get("id"):
-            self._id = a["id"]
-            self.ids[self._id] = ""
+            ident = self._id = a["id"] or ""
+            self.ids[ident] = ""
 
     def handle_endtag(self, tag: str) -> None:
         if tag == "td":
