@@ -305,9 +305,9 @@ def install(
     app[TELEMETRY] = telemetry
     app[_AUTHORIZE] = authorize
     app.middlewares.insert(0, telemetry.middleware)
-    app.router.add_get("/metrics", metrics_handler)
-    app.router.add_get("/dashboard", dashboard_handler)
-    app.router.add_get("/v1/metrics/summary", summary_handler)
+    app.router.add_get("/metrics", metrics_handler, allow_head=False)
+    app.router.add_get("/dashboard", dashboard_handler, allow_head=False)
+    app.router.add_get("/v1/metrics/summary", summary_handler, allow_head=False)
     app.cleanup_ctx.append(_lifecycle)
 
 
