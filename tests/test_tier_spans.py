@@ -60,7 +60,8 @@ def three_tiers() -> list[ArenaTier]:
     return [
         ArenaTier("hbm", 2 * BLOCK, page_bytes=PAGE),
         ArenaTier("dram", 2 * BLOCK, page_bytes=PAGE),
-        ArenaTier("disk", 8 * BLOCK, page_bytes=PAGE),
+        # Copies through the executor, as big blocks (and GPU copies) take: they get a span.
+        ArenaTier("disk", 8 * BLOCK, page_bytes=PAGE, inline_copy_bytes=0),
     ]
 
 
@@ -98,6 +99,10 @@ async def test_cold_hit_has_one_span_per_tier_in_order(traced: Traced) -> None:
     # The disk read copied bytes out under its own span, nested in the disk lookup.
     copies = [s for s in traced.spans("kvgate.tier.copy") if s.parent == gets[2].context]
     assert len(copies) == 1 and attr(copies[0], "kvgate.copy.direction") == "out"
+    # Small inline copies are noted on the enclosing span instead of getting their own.
+    hbm_puts = [s for s in traced.spans("kvgate.tier.put") if attr(s, ATTR_TIER) == "hbm"]
+    assert hbm_puts and attr(hbm_puts[0], "kvgate.copy.inline") is True
+    assert not [s for s in traced.spans("kvgate.tier.copy") if attr(s, ATTR_TIER) == "hbm"]
     promote = traced.spans("kvgate.tier.promote")
     assert len(promote) == 1
     assert attr(promote[0], ATTR_TIER) == "disk"
