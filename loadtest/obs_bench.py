@@ -126,7 +126,9 @@ async def _load(session: aiohttp.ClientSession, url: str, keys: Sequence[str], s
 
 async def _round(
     session: aiohttp.ClientSession, url: str, keys: Sequence[str], seconds: float, workers: int
-) -> tuple[int, int]:
+) -> tuple[int, int, float]:
+    """Requests, bytes, and CPU seconds this process spent (server, client, exporter thread)."""
+    cpu = time.process_time()
     deadline = time.perf_counter() + seconds
     done = [0, 0]
 
@@ -136,12 +138,14 @@ async def _round(
             async with session.get(f"{url}/v1/blocks/{rng.choice(keys)}") as resp:
                 body = await resp.read()
                 if resp.status != 200 or resp.headers.get("X-KV-Tier") != "hbm":
-                    raise SystemExit(f"GET: HTTP {resp.status} from {resp.headers.get('X-KV-Tier')}")
+                    raise SystemExit(
+                        f"GET: HTTP {resp.status} from {resp.headers.get('X-KV-Tier')}"
+                    )
             done[0] += 1
             done[1] += len(body)
 
     await asyncio.gather(*(worker(i) for i in range(workers)))
-    return done[0], done[1]
+    return done[0], done[1], time.process_time() - cpu
 
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
@@ -156,10 +160,13 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         sink_url = f"http://127.0.0.1:{sink_port}"
         keys = [f"obs-bench-{i}" for i in range(args.blocks)]
         per_mode: dict[str, list[float]] = {m.name: [] for m in MODES}
+        cpu_us: dict[str, list[float]] = {m.name: [] for m in MODES}
         with tempfile.TemporaryDirectory(prefix="kvgate-obs-bench-") as tmp:
             async with AsyncExitStack() as stack:
                 connector = aiohttp.TCPConnector(limit=args.concurrency * 2)
-                session = await stack.enter_async_context(aiohttp.ClientSession(connector=connector))
+                session = await stack.enter_async_context(
+                    aiohttp.ClientSession(connector=connector)
+                )
                 urls: dict[str, str] = {}
                 for mode in MODES:
                     urls[mode.name] = await stack.enter_async_context(
@@ -171,14 +178,16 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 for r in range(args.rounds):
                     order = MODES[r % len(MODES) :] + MODES[: r % len(MODES)]
                     for mode in order:
-                        n, nbytes = await _round(
+                        n, nbytes, cpu = await _round(
                             session, urls[mode.name], keys, args.seconds, args.concurrency
                         )
                         rps = n / args.seconds
                         per_mode[mode.name].append(rps)
+                        cpu_us[mode.name].append(1e6 * cpu / max(n, 1))
                         print(
                             f"round {r + 1}/{args.rounds} {mode.name:>4}: {rps:8.0f} req/s "
-                            f"{nbytes / args.seconds / MiB:8.1f} MiB/s",
+                            f"{nbytes / args.seconds / MiB:8.1f} MiB/s "
+                            f"{cpu_us[mode.name][-1]:7.1f} CPU us/req",
                             file=sys.stderr,
                             flush=True,
                         )
@@ -186,8 +195,13 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         sink.kill()
         sink.join(5)
     base = statistics.median(per_mode["off"])
+    base_cpu = statistics.median(cpu_us["off"])
     results = {
         name: {
+            "median_cpu_us_per_req": round(statistics.median(cpu_us[name]), 1),
+            "cpu_cost_vs_off_pct": round(
+                100.0 * (statistics.median(cpu_us[name]) / base_cpu - 1), 2
+            ),
             "median_rps": round(statistics.median(v), 1),
             "min_rps": round(min(v), 1),
             "max_rps": round(max(v), 1),
