@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from aiohttp import web
-from opentelemetry import propagate
+from opentelemetry import context, propagate, trace
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.metrics import MeterProvider
@@ -191,32 +191,38 @@ class Telemetry:
                 except web.HTTPException as exc:
                     status = exc.status
                     raise
+                except asyncio.CancelledError:
+                    status = 499
+                    raise
                 status = response.status
                 return response
-            with tracer.start_as_current_span(
+            # start_span + attach rather than start_as_current_span: its generator-based context
+            # managers cost more than the span itself when it is not sampled.
+            span = tracer.start_span(
                 f"{method} {route}",
                 context=propagate.extract(request.headers),
                 kind=SpanKind.SERVER,
                 attributes={"http.request.method": method, "http.route": route},
-                record_exception=False,
-                set_status_on_exception=False,
-            ) as span:
-                try:
-                    response = await handler(request)
-                except web.HTTPException as exc:
-                    status = exc.status
-                    _end_server_span(span, status, None)
-                    raise
-                except asyncio.CancelledError:
-                    status = 499  # the client went away
-                    _end_server_span(span, status, None)
-                    raise
-                except BaseException as exc:
-                    _end_server_span(span, status, exc)
-                    raise
-                status = response.status
+            )
+            span_token = context.attach(trace.set_span_in_context(span))
+            try:
+                response = await handler(request)
+            except web.HTTPException as exc:
+                status = exc.status
                 _end_server_span(span, status, None)
-                return response
+                raise
+            except asyncio.CancelledError:
+                status = 499  # the client went away
+                _end_server_span(span, status, None)
+                raise
+            except BaseException as exc:
+                _end_server_span(span, status, exc)
+                raise
+            finally:
+                context.detach(span_token)
+            status = response.status
+            _end_server_span(span, status, None)
+            return response
         finally:
             if token is not None:
                 reset_tracer(token)
@@ -237,13 +243,13 @@ class Telemetry:
 
 
 def _end_server_span(span: Span, status: int, exc: BaseException | None) -> None:
-    if not span.is_recording():
-        return
-    span.set_attribute("http.response.status_code", status)
-    if exc is not None:
-        span.record_exception(exc)
-    if status >= 500:
-        span.set_status(Status(StatusCode.ERROR))
+    if span.is_recording():
+        span.set_attribute("http.response.status_code", status)
+        if exc is not None:
+            span.record_exception(exc)
+        if status >= 500:
+            span.set_status(Status(StatusCode.ERROR))
+    span.end()
 
 
 def _span_exporter(name: str) -> SpanExporter:

@@ -378,8 +378,7 @@ class Hierarchy:
                 attrs = key_attrs(key, tier.name)
                 attrs[ATTR_HIT] = False
                 attrs[ATTR_SOURCE] = "index"
-                with tracer().start_as_current_span("kvgate.tier.get", attributes=attrs):
-                    pass
+                tracer().start_span("kvgate.tier.get", attributes=attrs).end()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

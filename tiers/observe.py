@@ -22,8 +22,9 @@ from types import TracebackType
 from typing import Protocol
 
 import xxhash
-from opentelemetry import trace
-from opentelemetry.trace import INVALID_SPAN, Span, Tracer
+from opentelemetry import context, trace
+from opentelemetry.context import Context
+from opentelemetry.trace import INVALID_SPAN, Span, Status, StatusCode, Tracer
 from opentelemetry.util.types import AttributeValue
 
 from tiers.block import split_key
@@ -93,6 +94,35 @@ def recording() -> bool:
     return trace.get_current_span().is_recording()
 
 
+class _LiveSpan:
+    """Starts a span and makes it current, like ``start_as_current_span`` without its two
+    generator-based context managers (a few microseconds per span on the hot path)."""
+
+    __slots__ = ("_span", "_token")
+
+    def __init__(self, span: Span) -> None:
+        self._span = span
+        self._token: Token[Context] | None = None
+
+    def __enter__(self) -> Span:
+        self._token = context.attach(trace.set_span_in_context(self._span))
+        return self._span
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._token is not None:
+            context.detach(self._token)
+        span = self._span
+        if exc is not None and isinstance(exc, Exception) and span.is_recording():
+            span.record_exception(exc)
+            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        span.end()
+
+
 def child_span(name: str) -> _SpanCM:
     """A span under the current one, or a shared no-op when the current one is not recording.
 
@@ -101,7 +131,7 @@ def child_span(name: str) -> _SpanCM:
     """
     if not trace.get_current_span().is_recording():
         return _NO_SPAN
-    return tracer().start_as_current_span(name)
+    return _LiveSpan(tracer().start_span(name))
 
 
 def key_hash(scoped_key: str) -> str:
