@@ -4,6 +4,10 @@
 # everything is present; needs root or sudo only when something is missing.
 set -euo pipefail
 need=()
+# Mooncake Store's wheel (a benchmark peer) loads these at import time.
+for lib in libibverbs1 librdmacm1 libnuma1 liburing2; do
+  dpkg-query -W -f='${Status}' "$lib" 2>/dev/null | grep -q 'install ok installed' || need+=("$lib")
+done
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
 if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then

@@ -1,0 +1,157 @@
+"""The aiohttp application: routes, the error middleware, and the hierarchy's lifetime.
+
+Seams for later issues, so they plug in without touching handlers:
+
+* ``context_resolver`` -- who is asking (issue 3: bearer tokens -> tenants);
+* ``middlewares`` -- wrap every request outside the error middleware, so they see the final
+  status of every answer (issue 5: tracing, latency histograms);
+* ``hierarchy_factory`` -- what stores the blocks (tests inject clocks; issue 3/4 may wrap the
+  hierarchy in the coherence layer or add a remote tier);
+* :data:`gateway.state.STATE` -- the one AppKey holding the state, for whoever needs it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from gateway.config import GatewayConfig
+from gateway.context import ContextResolver, resolver_for
+from gateway.errors import (
+    GatewayError,
+    error_code_for_status,
+    http_error_for,
+    json_error,
+)
+from gateway.handlers import Handlers
+from gateway.state import STATE, GatewayState
+from tiers.clock import SYSTEM_CLOCK, Clock
+from tiers.factory import TierSettings, build_hierarchy
+from tiers.hierarchy import Hierarchy
+
+log = logging.getLogger("kvgate.gateway")
+
+HierarchyFactory = Callable[[GatewayConfig], Awaitable[Hierarchy]]
+"""Builds and opens the hierarchy for a config; the app closes it on teardown."""
+
+# JSON bodies (lookup, prefetch, batch keys) and the headers of a block PUT fit in this slack.
+BODY_SLACK_BYTES = 1024 * 1024
+
+
+def tier_settings(config: GatewayConfig) -> TierSettings:
+    return TierSettings(
+        data_dir=config.data_dir,
+        hbm_bytes=config.hbm_bytes,
+        dram_bytes=config.dram_bytes,
+        disk_bytes=config.disk_bytes,
+        page_bytes=config.page_bytes,
+        hbm_policy=config.hbm_policy,
+        dram_policy=config.dram_policy,
+        disk_policy=config.disk_policy,
+        write_through=config.write_through,
+        disk_compression_level=config.disk_compression_level,
+    )
+
+
+def default_hierarchy_factory(clock: Clock = SYSTEM_CLOCK) -> HierarchyFactory:
+    async def factory(config: GatewayConfig) -> Hierarchy:
+        return await build_hierarchy(tier_settings(config), clock=clock)
+
+    return factory
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error answer becomes ``{"error", "detail"}`` JSON; nothing escapes as a bare 500."""
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        return json_error(exc.status, exc.error, exc.detail, headers=exc.headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _from_http_exception(request, exc)
+    except ConnectionError:
+        raise  # the client went away; aiohttp closes the connection quietly
+    except Exception as exc:
+        mapped = http_error_for(exc)
+        if mapped is not None:
+            return json_error(mapped.status, mapped.error, mapped.detail, headers=mapped.headers)
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return json_error(500, "internal", "unexpected server error (logged)")
+
+
+def _from_http_exception(request: web.Request, exc: web.HTTPException) -> web.Response:
+    status = exc.status
+    if status == 404:
+        detail = f"no route for {request.path[:200]}"
+    elif status == 405:
+        detail = f"{request.method} is not allowed on {request.path[:200]}"
+    elif status == 413:
+        detail = "request body over the limit"
+    else:
+        detail = exc.text or exc.reason
+    headers = {name: exc.headers[name] for name in ("Allow", "Retry-After") if name in exc.headers}
+    return json_error(status, error_code_for_status(status), detail, headers=headers)
+
+
+def create_app(
+    config: GatewayConfig,
+    *,
+    hierarchy_factory: HierarchyFactory | None = None,
+    clock: Clock = SYSTEM_CLOCK,
+    context_resolver: ContextResolver | None = None,
+    middlewares: Sequence[Middleware] = (),
+) -> web.Application:
+    """The gateway app; the hierarchy is built on startup and closed (spilled) on cleanup."""
+    state = GatewayState(
+        config=config,
+        clock=clock,
+        resolve=context_resolver or resolver_for(config.tenants),
+    )
+    factory = hierarchy_factory or default_hierarchy_factory(clock)
+    app = web.Application(
+        middlewares=[*middlewares, error_middleware],
+        # Block bodies are read by hand with their own limits (checked before reading); this
+        # caps any body read through request.read()/post() at a block plus JSON slack.
+        client_max_size=config.max_block_bytes + BODY_SLACK_BYTES,
+    )
+    app[STATE] = state
+
+    async def tiers_ctx(app: web.Application) -> AsyncIterator[None]:
+        state.hierarchy = await factory(config)
+        try:
+            yield
+        finally:
+            hierarchy, state.hierarchy = state.hierarchy, None
+            # close() spills the volatile tiers to disk before closing them.
+            await hierarchy.close()
+
+    app.cleanup_ctx.append(tiers_ctx)
+    add_routes(app, Handlers(state))
+    return app
+
+
+def add_routes(app: web.Application, h: Handlers) -> None:
+    r = app.router
+    # {key:.*} routes every key, even a malformed one, here: bad keys are 400, not 404.
+    block = r.add_resource("/v1/blocks/{key:.*}", name="block")
+    block.add_route("GET", h.get_block)  # HEAD is routed here too and answered without a body
+    block.add_route("HEAD", h.get_block)
+    block.add_route("PUT", h.put_block, expect_handler=h.expect_put)
+    block.add_route("DELETE", h.delete_block)
+    r.add_post("/v1/lookup", h.lookup)
+    r.add_post("/v1/prefetch", h.prefetch)
+    r.add_post("/v1/batch/get", h.batch_get)
+    r.add_post("/v1/batch/put", h.batch_put)
+    r.add_post("/v1/leases", h.leases_not_ready)
+    r.add_post("/v1/leases/{lease_id}/renew", h.leases_not_ready)
+    r.add_delete("/v1/leases/{lease_id}", h.leases_not_ready)
+    r.add_get("/v1/stats", h.stats, allow_head=False)
+    r.add_get("/metrics", h.metrics, allow_head=False)
+    r.add_get("/healthz", h.healthz, allow_head=False)
+    r.add_get("/readyz", h.readyz, allow_head=False)
+    r.add_get("/openapi.json", h.openapi, allow_head=False)

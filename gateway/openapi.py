@@ -1,0 +1,334 @@
+"""The OpenAPI 3 description of the REST API, served at ``/openapi.json``.
+
+A test checks that every route the app registers appears here and vice versa.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from gateway.batch import MEDIA_TYPE as BATCH_MEDIA_TYPE
+
+KEY_PATTERN = r"^[A-Za-z0-9._:@-]{1,512}$"
+
+_ERR = {"$ref": "#/components/responses/Error"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    return {str(code): _ERR for code in codes}
+
+
+_KEY_PARAM = {
+    "name": "key",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": KEY_PATTERN},
+}
+_BLOCK_HEADERS = {
+    "ETag": {"description": "quoted hex digest of the bytes", "schema": {"type": "string"}},
+    "X-KV-Tier": {
+        "description": "tier that served the block: hbm, dram, disk or another tier's name",
+        "schema": {"type": "string"},
+    },
+}
+_KEYS_BODY = {
+    "required": True,
+    "content": {"application/json": {"schema": _ref("Keys")}},
+}
+_LEASE_ID = {"name": "lease_id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def build_spec(*, version: str = "0.1.0") -> dict[str, Any]:
+    block_get = {
+        "summary": "Read a block",
+        "parameters": [
+            _KEY_PARAM,
+            {
+                "name": "wait_ms",
+                "in": "query",
+                "required": False,
+                "description": "wait up to N ms for an outstanding write lease to commit",
+                "schema": {"type": "integer", "minimum": 0},
+            },
+            {"name": "If-None-Match", "in": "header", "schema": {"type": "string"}},
+        ],
+        "responses": {
+            "200": {
+                "description": "the exact bytes",
+                "headers": _BLOCK_HEADERS,
+                "content": {"application/octet-stream": {"schema": {"type": "string"}}},
+            },
+            "304": {"description": "If-None-Match matched", "headers": _BLOCK_HEADERS},
+            **_errors(400, 401, 403, 404),
+        },
+    }
+    paths: dict[str, Any] = {
+        "/v1/blocks/{key}": {
+            "put": {
+                "summary": "Store the body as one block (first writer wins)",
+                "parameters": [
+                    _KEY_PARAM,
+                    {"name": "X-KV-Dtype", "in": "header", "schema": {"type": "string"}},
+                    {
+                        "name": "X-KV-Shape",
+                        "in": "header",
+                        "description": "comma-separated non-negative integers",
+                        "schema": {"type": "string"},
+                    },
+                    {
+                        "name": "X-KV-TTL",
+                        "in": "header",
+                        "description": "seconds the block may be served",
+                        "schema": {"type": "number", "exclusiveMinimum": 0},
+                    },
+                    {"name": "X-KV-Lease-Token", "in": "header", "schema": {"type": "string"}},
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/octet-stream": {"schema": {"type": "string"}}},
+                },
+                "responses": {
+                    "201": {"description": "stored", "headers": {"ETag": _BLOCK_HEADERS["ETag"]}},
+                    "200": {"description": "already present; the body was not stored again"},
+                    **_errors(400, 401, 403, 409, 413, 507),
+                },
+            },
+            "get": block_get,
+            "head": {**block_get, "summary": "Whether a block exists (as GET, no body)"},
+            "delete": {
+                "summary": "Remove a block from every tier",
+                "parameters": [_KEY_PARAM],
+                "responses": {"204": {"description": "deleted"}, **_errors(400, 401, 403, 404)},
+            },
+        },
+        "/v1/lookup": {
+            "post": {
+                "summary": "Longest present prefix of a key chain",
+                "requestBody": _KEYS_BODY,
+                "responses": {
+                    "200": _json(_ref("LookupResult"), "prefix hits and their tiers"),
+                    **_errors(400, 401, 403, 413),
+                },
+            }
+        },
+        "/v1/prefetch": {
+            "post": {
+                "summary": "Hint that blocks will be read soon (promoted in the background)",
+                "requestBody": _KEYS_BODY,
+                "responses": {
+                    "202": _json(_ref("Accepted"), "scheduled"),
+                    **_errors(400, 401, 403, 413),
+                },
+            }
+        },
+        "/v1/batch/get": {
+            "post": {
+                "summary": "Read many blocks in one round trip",
+                "description": "Answers an application/x-kvgate-batch frame (see docs/api.md): "
+                "one item per requested key, in order, status 200 with tier and bytes or 404.",
+                "requestBody": _KEYS_BODY,
+                "responses": {
+                    "200": {
+                        "description": "batch frame",
+                        "content": {BATCH_MEDIA_TYPE: {"schema": {"type": "string"}}},
+                    },
+                    **_errors(400, 401, 403, 413),
+                },
+            }
+        },
+        "/v1/batch/put": {
+            "post": {
+                "summary": "Store many blocks in one round trip",
+                "description": "Takes an application/x-kvgate-batch frame (status 0, no tier); "
+                "X-KV-Dtype / X-KV-TTL headers apply to every item.",
+                "requestBody": {
+                    "required": True,
+                    "content": {BATCH_MEDIA_TYPE: {"schema": {"type": "string"}}},
+                },
+                "responses": {
+                    "200": _json(_ref("BatchPutResult"), "per-item outcome"),
+                    **_errors(400, 401, 403, 413, 415),
+                },
+            }
+        },
+        "/v1/leases": {
+            "post": {
+                "summary": "Ask to be the one writer of a key",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("LeaseRequest")}},
+                },
+                "responses": {
+                    "201": _json(_ref("Lease"), "granted"),
+                    "200": _json(_ref("Exists"), "the block is already stored"),
+                    **_errors(400, 401, 403, 409, 501),
+                },
+            }
+        },
+        "/v1/leases/{lease_id}/renew": {
+            "post": {
+                "summary": "Extend a lease",
+                "parameters": [_LEASE_ID],
+                "responses": {
+                    "200": _json(_ref("Lease"), "renewed"),
+                    **_errors(400, 401, 403, 404, 409, 501),
+                },
+            }
+        },
+        "/v1/leases/{lease_id}": {
+            "delete": {
+                "summary": "Release a lease without writing",
+                "parameters": [_LEASE_ID],
+                "responses": {"204": {"description": "released"}, **_errors(401, 403, 404, 501)},
+            }
+        },
+        "/v1/stats": {
+            "get": {
+                "summary": "Per-tier statistics, hottest tier first",
+                "responses": {"200": _json(_ref("Stats"), "stats"), **_errors(401, 403)},
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics",
+                "responses": {
+                    "200": {
+                        "description": "Prometheus text format",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+        "/healthz": {
+            "get": {
+                "summary": "Liveness",
+                "responses": {"200": _json({"type": "object"}, "alive")},
+            }
+        },
+        "/readyz": {
+            "get": {
+                "summary": "Readiness (the tiers are open)",
+                "responses": {"200": _json({"type": "object"}, "ready"), **_errors(503)},
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "responses": {"200": _json({"type": "object"}, "OpenAPI 3 document")},
+            }
+        },
+    }
+    schemas: dict[str, Any] = {
+        "Error": {
+            "type": "object",
+            "required": ["error", "detail"],
+            "properties": {"error": {"type": "string"}, "detail": {"type": "string"}},
+        },
+        "Keys": {
+            "type": "object",
+            "required": ["keys"],
+            "properties": {
+                "keys": {"type": "array", "items": {"type": "string", "pattern": KEY_PATTERN}}
+            },
+        },
+        "LookupResult": {
+            "type": "object",
+            "required": ["prefix_hits", "tiers"],
+            "properties": {
+                "prefix_hits": {"type": "integer", "minimum": 0},
+                "tiers": {"type": "array", "items": {"type": "string"}},
+            },
+        },
+        "Accepted": {"type": "object", "properties": {"accepted": {"type": "integer"}}},
+        "BatchPutResult": {
+            "type": "object",
+            "properties": {
+                "stored": {"type": "integer"},
+                "exists": {"type": "integer"},
+                "results": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "key": {"type": "string"},
+                            "status": {"type": "integer"},
+                            "error": {"type": "string"},
+                        },
+                    },
+                },
+            },
+        },
+        "LeaseRequest": {
+            "type": "object",
+            "required": ["key", "ttl_ms"],
+            "properties": {
+                "key": {"type": "string", "pattern": KEY_PATTERN},
+                "ttl_ms": {"type": "integer", "minimum": 1},
+            },
+        },
+        "Lease": {
+            "type": "object",
+            "properties": {
+                "lease_id": {"type": "string"},
+                "token": {"type": "string"},
+                "expires_at_ms": {"type": "integer"},
+            },
+        },
+        "Exists": {"type": "object", "properties": {"exists": {"type": "boolean"}}},
+        "TierStats": {
+            "type": "object",
+            "required": [
+                "name",
+                "device",
+                "capacity_bytes",
+                "used_bytes",
+                "blocks",
+                "hits",
+                "misses",
+                "evictions",
+            ],
+            "properties": {
+                "name": {"type": "string"},
+                "device": {"type": "string"},
+                "capacity_bytes": {"type": "integer"},
+                "used_bytes": {"type": "integer"},
+                "blocks": {"type": "integer"},
+                "hits": {"type": "integer"},
+                "misses": {"type": "integer"},
+                "evictions": {"type": "integer"},
+            },
+        },
+        "Stats": {
+            "type": "object",
+            "required": ["tiers"],
+            "properties": {"tiers": {"type": "array", "items": _ref("TierStats")}},
+        },
+    }
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "kvgate",
+            "version": version,
+            "description": "KV-cache gateway for LLM serving. Every error answer is JSON "
+            '{"error": ..., "detail": ...}.',
+        },
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "responses": {"Error": _json(_ref("Error"), "error")},
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def spec_bytes() -> bytes:
+    return json.dumps(build_spec(), separators=(",", ":")).encode()

@@ -1,0 +1,99 @@
+"""Run the gateway until SIGTERM/SIGINT, then shut down gracefully (spilling volatile tiers)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable
+
+from aiohttp import web
+
+from gateway.app import HierarchyFactory, create_app
+from gateway.config import GatewayConfig, format_size
+from gateway.state import STATE
+from tiers.clock import SYSTEM_CLOCK, Clock
+
+log = logging.getLogger("kvgate.server")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _url(address: object) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"http://[{host}]:{port}" if ":" in str(host) else f"http://{host}:{port}"
+    return str(address)
+
+
+def describe_tiers(app: web.Application) -> str:
+    hierarchy = app[STATE].hierarchy
+    if hierarchy is None:
+        return "none"
+    return ", ".join(
+        f"{t.name} (device {t.device}, capacity {format_size(t.capacity_bytes)})"
+        for t in hierarchy.stats()
+    )
+
+
+# aiohttp answers an over-long request line itself, in text/plain, before any middleware runs;
+# lines this long reach the handlers instead, which answer a JSON 400 for an over-long key.
+MAX_LINE_BYTES = 64 * 1024
+MAX_FIELD_BYTES = 16 * 1024
+
+
+def make_runner(app: web.Application, config: GatewayConfig) -> web.AppRunner:
+    return web.AppRunner(
+        app,
+        handle_signals=False,
+        shutdown_timeout=config.shutdown_timeout_s,
+        access_log=None,
+        max_line_size=MAX_LINE_BYTES,
+        max_field_size=MAX_FIELD_BYTES,
+    )
+
+
+async def serve(
+    config: GatewayConfig,
+    *,
+    clock: Clock = SYSTEM_CLOCK,
+    hierarchy_factory: HierarchyFactory | None = None,
+    on_ready: Callable[[list[str]], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serve until ``stop`` is set or SIGTERM/SIGINT arrives; cleanup always runs."""
+    app = create_app(config, clock=clock, hierarchy_factory=hierarchy_factory)
+    runner = make_runner(app, config)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover - not on the main thread
+            pass
+    try:
+        await runner.setup()  # builds and opens the hierarchy (cleanup_ctx)
+        try:
+            site = web.TCPSite(runner, config.host, config.port)
+            await site.start()
+            urls = [_url(a) for a in runner.addresses]
+            log.info("kvgate serving on %s -- tiers: %s", " ".join(urls), describe_tiers(app))
+            if on_ready is not None:
+                on_ready(urls)
+            await stop.wait()
+            log.info("shutting down: finishing requests, spilling volatile tiers to disk")
+        finally:
+            await runner.cleanup()
+        log.info("stopped cleanly")
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)

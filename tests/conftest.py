@@ -1,0 +1,75 @@
+"""Shared fixtures: a real gateway on loopback over real tiers in tmp_path, with a FakeClock."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from gateway.app import create_app
+from gateway.config import GatewayConfig, MiB
+from gateway.server import make_runner
+from gateway.state import STATE
+from tiers.clock import FakeClock
+from tiers.hierarchy import Hierarchy
+
+SMALL_TIERS = GatewayConfig(
+    port=0,
+    hbm_bytes=8 * MiB,
+    dram_bytes=16 * MiB,
+    disk_bytes=512 * MiB,
+    max_block_bytes=4 * MiB,
+    max_batch_bytes=32 * MiB,
+    max_batch_keys=256,
+    page_bytes=16 * 1024,
+    shutdown_timeout_s=1.0,
+)
+
+
+@dataclass
+class RunningGateway:
+    url: str
+    app: web.Application
+    clock: FakeClock
+    config: GatewayConfig
+
+    @property
+    def hierarchy(self) -> Hierarchy:
+        return self.app[STATE].store
+
+    def block_url(self, key: str) -> str:
+        return f"{self.url}/v1/blocks/{key}"
+
+
+@asynccontextmanager
+async def running_gateway(data_dir: Path, **overrides: Any) -> AsyncIterator[RunningGateway]:
+    clock = FakeClock()
+    config = replace(SMALL_TIERS, data_dir=data_dir, **overrides)
+    app = create_app(config, clock=clock)
+    runner = make_runner(app, config)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        yield RunningGateway(f"http://127.0.0.1:{port}", app, clock, config)
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def gateway(tmp_path: Path) -> AsyncIterator[RunningGateway]:
+    async with running_gateway(tmp_path / "data") as gw:
+        yield gw
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
