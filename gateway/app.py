@@ -28,6 +28,8 @@ from gateway.errors import (
 )
 from gateway.handlers import Handlers
 from gateway.state import STATE, GatewayState
+from gateway.telemetry import Telemetry
+from gateway.telemetry import install as install_telemetry
 from tiers.clock import SYSTEM_CLOCK, Clock
 from tiers.factory import TierSettings, build_hierarchy
 from tiers.hierarchy import Hierarchy
@@ -105,8 +107,12 @@ def create_app(
     clock: Clock = SYSTEM_CLOCK,
     context_resolver: ContextResolver | None = None,
     middlewares: Sequence[Middleware] = (),
+    telemetry: Telemetry | None = None,
 ) -> web.Application:
-    """The gateway app; the hierarchy is built on startup and closed (spilled) on cleanup."""
+    """The gateway app; the hierarchy is built on startup and closed (spilled) on cleanup.
+
+    ``telemetry`` defaults to pipelines configured from the ``OTEL_*`` environment variables.
+    """
     state = GatewayState(
         config=config,
         clock=clock,
@@ -120,9 +126,14 @@ def create_app(
         client_max_size=config.max_block_bytes + BODY_SLACK_BYTES,
     )
     app[STATE] = state
+    telemetry = telemetry if telemetry is not None else Telemetry()
+    # Installed first: its middleware wraps everything, its cleanup runs after the tiers close.
+    install_telemetry(app, telemetry, authorize=state.resolve)
+    telemetry.bind_hierarchy(lambda: state.hierarchy)
 
     async def tiers_ctx(app: web.Application) -> AsyncIterator[None]:
         state.hierarchy = await factory(config)
+        state.hierarchy.observer = telemetry.metrics
         try:
             yield
         finally:
@@ -151,7 +162,6 @@ def add_routes(app: web.Application, h: Handlers) -> None:
     r.add_post("/v1/leases/{lease_id}/renew", h.leases_not_ready)
     r.add_delete("/v1/leases/{lease_id}", h.leases_not_ready)
     r.add_get("/v1/stats", h.stats, allow_head=False)
-    r.add_get("/metrics", h.metrics, allow_head=False)
     r.add_get("/healthz", h.healthz, allow_head=False)
     r.add_get("/readyz", h.readyz, allow_head=False)
     r.add_get("/openapi.json", h.openapi, allow_head=False)

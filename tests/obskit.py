@@ -6,27 +6,33 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from aiohttp import web
 
-from gateway.telemetry import Telemetry, install
+from gateway.telemetry import TELEMETRY, Telemetry, install
 from tests.tierkit import PAGE
 from tiers.block import Block, scoped_key
+from tiers.disk import DiskTier
 from tiers.hierarchy import Hierarchy
 from tiers.memory import ArenaTier
 
 BLOCK = 2 * PAGE
+MiB = 1024 * 1024
 
 
-def small_hierarchy() -> Hierarchy:
-    """hbm and dram hold two blocks each; the third tier takes the rest."""
-    return Hierarchy(
+async def small_stack(data_dir: Path) -> Hierarchy:
+    """The real three tiers, small: hbm and dram hold two blocks each, LMDB takes the rest."""
+    disk = await DiskTier.open(data_dir / "blocks.lmdb", capacity_bytes=16 * MiB, sync=False)
+    hierarchy = Hierarchy(
         [
             ArenaTier("hbm", 2 * BLOCK, page_bytes=PAGE),
             ArenaTier("dram", 2 * BLOCK, page_bytes=PAGE),
-            ArenaTier("disk", 16 * BLOCK, page_bytes=PAGE),
+            disk,
         ]
     )
+    await hierarchy.open()
+    return hierarchy
 
 
 def build_app(telemetry: Telemetry, hierarchy: Hierarchy) -> web.Application:
@@ -58,6 +64,13 @@ def build_app(telemetry: Telemetry, hierarchy: Hierarchy) -> web.Application:
 
     app.cleanup_ctx.append(close)
     return app
+
+
+async def quiesce(served: Served) -> None:
+    """Wait for the background promotions reads started (they move blocks between tiers)."""
+    hierarchy = served.app[TELEMETRY].metrics.hierarchy()
+    assert hierarchy is not None
+    await hierarchy.quiesce()
 
 
 @dataclass

@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from gateway.telemetry import Telemetry, TelemetryConfig
-from tests.obskit import BLOCK, Served, build_app, serve, small_hierarchy
+from tests.obskit import BLOCK, Served, build_app, quiesce, serve, small_stack
 from tests.tierkit import payload
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -115,6 +115,7 @@ async def exercise(served: Served) -> dict[str, object]:
         for key in ["blk7", "blk7", "blk5", "blk0", "absent-1", "absent-2"]:
             async with session.get(f"{served.url}/v1/blocks/{key}") as r:
                 assert r.status in (200, 404)
+        await quiesce(served)
         async with session.get(f"{served.url}/v1/stats") as r:
             stats: dict[str, object] = await r.json()
         return stats
@@ -125,7 +126,7 @@ async def test_dashboard_renders_live_numbers(tmp_path: Path) -> None:
     telemetry = Telemetry(
         TelemetryConfig(), span_processors=[SimpleSpanProcessor(InMemorySpanExporter())]
     )
-    async with serve(build_app(telemetry, small_hierarchy())) as served:
+    async with serve(build_app(telemetry, await small_stack(tmp_path))) as served:
         stats = await exercise(served)
         url = f"{served.url}/dashboard#interval=250"
         dom = await run_browser(
@@ -168,10 +169,10 @@ async def test_dashboard_renders_live_numbers(tmp_path: Path) -> None:
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
-async def test_dashboard_is_served_self_contained() -> None:
+async def test_dashboard_is_served_self_contained(tmp_path: Path) -> None:
     telemetry = Telemetry(TelemetryConfig())
     async with (
-        serve(build_app(telemetry, small_hierarchy())) as served,
+        serve(build_app(telemetry, await small_stack(tmp_path))) as served,
         aiohttp.ClientSession() as session,
         session.get(f"{served.url}/dashboard") as resp,
     ):

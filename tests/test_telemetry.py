@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -24,8 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from coherence.leases import Granted, LeaseTable, MemoryTokenStore
 from coherence.sched import FakeScheduler
-from gateway.telemetry import Telemetry, TelemetryConfig, traced_lease_wait
-from tests.obskit import BLOCK, Served, build_app, serve, small_hierarchy
+from gateway.telemetry import TELEMETRY, Telemetry, TelemetryConfig, traced_lease_wait
+from tests.obskit import BLOCK, Served, build_app, quiesce, serve, small_stack
 from tests.tierkit import payload
 from tiers.block import scoped_key
 from tiers.clock import FakeClock
@@ -48,7 +49,9 @@ async def fill(session: aiohttp.ClientSession, url: str) -> None:
 
 
 @pytest.fixture
-async def traced() -> AsyncIterator[tuple[Served, InMemorySpanExporter, InMemoryMetricReader]]:
+async def traced(
+    tmp_path: Path,
+) -> AsyncIterator[tuple[Served, InMemorySpanExporter, InMemoryMetricReader]]:
     exporter = InMemorySpanExporter()
     reader = InMemoryMetricReader()
     telemetry = Telemetry(
@@ -57,7 +60,7 @@ async def traced() -> AsyncIterator[tuple[Served, InMemorySpanExporter, InMemory
         metric_readers=[reader],
         sampler=ALWAYS_ON,
     )
-    async with serve(build_app(telemetry, small_hierarchy())) as served:
+    async with serve(build_app(telemetry, await small_stack(tmp_path))) as served:
         yield served, exporter, reader
 
 
@@ -93,6 +96,16 @@ async def test_disk_hit_is_one_trace_through_all_three_tiers(
         assert span.parent is not None and span.parent.span_id == root.context.span_id
         assert span.start_time is not None and span.end_time is not None
         assert span.end_time > span.start_time
+    # The disk read: one LMDB read transaction, and the frame decoded inside it (on the read
+    # thread, which got the request's context handed over).
+    by_id = {s.context.span_id: s for s in spans if s.context}
+    txn = [s for s in spans if s.name == "kvgate.lmdb.txn" and attr(s, "kvgate.lmdb.op") == "read"]
+    assert len(txn) == 1 and txn[0].parent is not None
+    assert by_id[txn[0].parent.span_id] is gets[2]
+    decompress = [s for s in spans if s.name == "kvgate.zstd.decompress"]
+    assert decompress and decompress[0].parent is not None
+    assert by_id[decompress[0].parent.span_id] is txn[0]
+    assert int(str(attr(decompress[0], "kvgate.frame_bytes"))) > 0
     # Everything the request caused (copies, the promotion and its demotions) is in this trace.
     assert {s.context.trace_id for s in spans if s.context} == {root.context.trace_id}
     # Nothing carries the raw key: not the server span (route template), not the tier spans.
@@ -129,6 +142,7 @@ async def test_prometheus_exposition_has_per_tier_latency_histograms(
         for key in ["k5", "k3", "k0", "nope"]:  # hbm, dram, disk, miss
             async with session.get(f"{served.url}/v1/blocks/{key}") as resp:
                 assert resp.status in (200, 404)
+        await quiesce(served)  # the disk hit's promotion has finished moving blocks
         async with session.get(f"{served.url}/metrics") as resp:
             assert resp.status == 200
             assert resp.headers["Content-Type"].startswith("text/plain")
@@ -153,13 +167,14 @@ async def test_prometheus_exposition_has_per_tier_latency_histograms(
     def gauge(name: str) -> dict[str, float]:
         return {s.labels["tier"]: s.value for s in families[name].samples}
 
-    assert gauge("kvgate_tier_capacity_bytes") == {
-        "hbm": 2.0 * BLOCK,
-        "dram": 2.0 * BLOCK,
-        "disk": 16.0 * BLOCK,
-    }
-    assert sum(gauge("kvgate_tier_blocks").values()) == len(KEYS)
-    assert sum(gauge("kvgate_tier_used_bytes").values()) == len(KEYS) * BLOCK
+    hierarchy = served.app[TELEMETRY].metrics.hierarchy()
+    assert hierarchy is not None
+    stats = {t.name: t for t in hierarchy.stats()}
+    assert gauge("kvgate_tier_capacity_bytes") == {n: t.capacity_bytes for n, t in stats.items()}
+    assert gauge("kvgate_tier_used_bytes") == {n: t.used_bytes for n, t in stats.items()}
+    assert gauge("kvgate_tier_capacity_bytes")["hbm"] == 2 * BLOCK
+    assert gauge("kvgate_tier_blocks") == {"hbm": 2.0, "dram": 2.0, "disk": 2.0}
+    assert gauge("kvgate_tier_used_bytes")["disk"] > 0
     assert gauge("kvgate_tier_evictions")["hbm"] >= 4
     reads = {
         (s.labels["tenant"], s.labels["tier"]): s.value
@@ -192,6 +207,7 @@ async def test_otel_metrics_reach_the_meter_reader(
         for key in ["k5", "k3", "k0"]:
             async with session.get(f"{served.url}/v1/blocks/{key}") as resp:
                 assert resp.status == 200
+        await quiesce(served)
     data = reader.get_metrics_data()
     assert data is not None
     points: dict[str, list[tuple[dict[str, object], object]]] = {}
@@ -204,10 +220,12 @@ async def test_otel_metrics_reach_the_meter_reader(
                 ]
     get_tiers = {a["kvgate.tier"] for a, p in points["kvgate.tier.get.duration"]}
     assert get_tiers == set(TIERS)
+    hierarchy = served.app[TELEMETRY].metrics.hierarchy()
+    assert hierarchy is not None
     used = {a["kvgate.tier"]: p.value for a, p in points["kvgate.tier.used_bytes"]}  # type: ignore[attr-defined]
-    assert sum(used.values()) == len(KEYS) * BLOCK
+    assert used == {t.name: t.used_bytes for t in hierarchy.stats()}
     blocks = {a["kvgate.tier"]: p.value for a, p in points["kvgate.tier.blocks"]}  # type: ignore[attr-defined]
-    assert sum(blocks.values()) == len(KEYS)
+    assert blocks == {"hbm": 2, "dram": 2, "disk": 2}
 
 
 async def test_summary_endpoint_reports_percentiles_and_hit_ratio(
@@ -256,7 +274,7 @@ class Receiver:
 
 
 async def test_otlp_receiver_gets_the_disk_hit_as_one_trace(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     receiver = Receiver()
     sink = web.Application()
@@ -271,7 +289,7 @@ async def test_otlp_receiver_gets_the_disk_hit_as_one_trace(
         telemetry = Telemetry(config)
         assert telemetry.tracing
         loop = asyncio.get_running_loop()
-        async with serve(build_app(telemetry, small_hierarchy())) as served:
+        async with serve(build_app(telemetry, await small_stack(tmp_path))) as served:
             async with aiohttp.ClientSession() as session:
                 await fill(session, served.url)
                 async with session.get(f"{served.url}/v1/blocks/k0") as resp:
@@ -339,13 +357,13 @@ def test_config_follows_otel_env(
 
 
 async def test_sampler_comes_from_env_and_respects_a_sampled_parent(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
     monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0")
     exporter = InMemorySpanExporter()
     telemetry = Telemetry(TelemetryConfig(), span_processors=[SimpleSpanProcessor(exporter)])
-    app = build_app(telemetry, small_hierarchy())
+    app = build_app(telemetry, await small_stack(tmp_path))
     async with serve(app) as served, aiohttp.ClientSession() as session:
         await fill(session, served.url)
         assert exporter.get_finished_spans() == ()  # ratio 0: roots are never sampled
