@@ -10,9 +10,10 @@ from pathlib import Path
 
 from aiohttp import web
 
-from gateway.telemetry import TELEMETRY, Telemetry, install
+from gateway.app import create_app
+from gateway.config import GatewayConfig
+from gateway.telemetry import TELEMETRY, Telemetry
 from tests.tierkit import PAGE
-from tiers.block import Block, scoped_key
 from tiers.disk import DiskTier
 from tiers.hierarchy import Hierarchy
 from tiers.memory import ArenaTier
@@ -35,35 +36,14 @@ async def small_stack(data_dir: Path) -> Hierarchy:
     return hierarchy
 
 
-def build_app(telemetry: Telemetry, hierarchy: Hierarchy) -> web.Application:
-    app = web.Application()
-    telemetry.attach(hierarchy)
+def build_app(telemetry: Telemetry, data_dir: Path) -> web.Application:
+    """The real gateway app over :func:`small_stack`, with ``telemetry`` as its pipelines."""
 
-    async def get_block(request: web.Request) -> web.Response:
-        hit = await hierarchy.get(scoped_key("default", request.match_info["key"]))
-        if hit is None:
-            return web.json_response({"error": "not_found", "detail": ""}, status=404)
-        return web.Response(body=hit.block.data, headers={"X-KV-Tier": hit.tier})
+    async def factory(config: GatewayConfig) -> Hierarchy:
+        return await small_stack(data_dir)
 
-    async def put_block(request: web.Request) -> web.Response:
-        key = scoped_key("default", request.match_info["key"])
-        outcome = await hierarchy.put(key, Block.of(await request.read()))
-        return web.json_response({"outcome": outcome.value}, status=201)
-
-    async def stats(request: web.Request) -> web.Response:
-        return web.json_response({"tiers": [s.as_json() for s in hierarchy.stats()]})
-
-    app.router.add_get("/v1/blocks/{key}", get_block)
-    app.router.add_put("/v1/blocks/{key}", put_block)
-    app.router.add_get("/v1/stats", stats)
-    install(app, telemetry)
-
-    async def close(app: web.Application) -> AsyncIterator[None]:
-        yield
-        await hierarchy.close()
-
-    app.cleanup_ctx.append(close)
-    return app
+    config = GatewayConfig(port=0, data_dir=data_dir, shutdown_timeout_s=1.0)
+    return create_app(config, hierarchy_factory=factory, telemetry=telemetry)
 
 
 async def quiesce(served: Served) -> None:

@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from gateway.telemetry import Telemetry, TelemetryConfig
-from tests.obskit import BLOCK, Served, build_app, quiesce, serve, small_stack
+from tests.obskit import BLOCK, Served, build_app, quiesce, serve
 from tests.tierkit import payload
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -126,7 +126,7 @@ async def test_dashboard_renders_live_numbers(tmp_path: Path) -> None:
     telemetry = Telemetry(
         TelemetryConfig(), span_processors=[SimpleSpanProcessor(InMemorySpanExporter())]
     )
-    async with serve(build_app(telemetry, await small_stack(tmp_path))) as served:
+    async with serve(build_app(telemetry, tmp_path)) as served:
         stats = await exercise(served)
         url = f"{served.url}/dashboard#interval=250"
         dom = await run_browser(
@@ -172,7 +172,7 @@ async def test_dashboard_renders_live_numbers(tmp_path: Path) -> None:
 async def test_dashboard_is_served_self_contained(tmp_path: Path) -> None:
     telemetry = Telemetry(TelemetryConfig())
     async with (
-        serve(build_app(telemetry, await small_stack(tmp_path))) as served,
+        serve(build_app(telemetry, tmp_path)) as served,
         aiohttp.ClientSession() as session,
         session.get(f"{served.url}/dashboard") as resp,
     ):

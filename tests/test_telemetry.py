@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from coherence.leases import Granted, LeaseTable, MemoryTokenStore
 from coherence.sched import FakeScheduler
 from gateway.telemetry import TELEMETRY, Telemetry, TelemetryConfig, traced_lease_wait
-from tests.obskit import BLOCK, Served, build_app, quiesce, serve, small_stack
+from tests.obskit import BLOCK, Served, build_app, quiesce, serve
 from tests.tierkit import payload
 from tiers.block import scoped_key
 from tiers.clock import FakeClock
@@ -60,7 +60,7 @@ async def traced(
         metric_readers=[reader],
         sampler=ALWAYS_ON,
     )
-    async with serve(build_app(telemetry, await small_stack(tmp_path))) as served:
+    async with serve(build_app(telemetry, tmp_path)) as served:
         yield served, exporter, reader
 
 
@@ -289,7 +289,7 @@ async def test_otlp_receiver_gets_the_disk_hit_as_one_trace(
         telemetry = Telemetry(config)
         assert telemetry.tracing
         loop = asyncio.get_running_loop()
-        async with serve(build_app(telemetry, await small_stack(tmp_path))) as served:
+        async with serve(build_app(telemetry, tmp_path)) as served:
             async with aiohttp.ClientSession() as session:
                 await fill(session, served.url)
                 async with session.get(f"{served.url}/v1/blocks/k0") as resp:
@@ -363,7 +363,7 @@ async def test_sampler_comes_from_env_and_respects_a_sampled_parent(
     monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0")
     exporter = InMemorySpanExporter()
     telemetry = Telemetry(TelemetryConfig(), span_processors=[SimpleSpanProcessor(exporter)])
-    app = build_app(telemetry, await small_stack(tmp_path))
+    app = build_app(telemetry, tmp_path)
     async with serve(app) as served, aiohttp.ClientSession() as session:
         await fill(session, served.url)
         assert exporter.get_finished_spans() == ()  # ratio 0: roots are never sampled
