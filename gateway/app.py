@@ -34,6 +34,8 @@ from gateway.errors import (
 )
 from gateway.handlers import Handlers
 from gateway.state import STATE, GatewayState
+from gateway.telemetry import Telemetry
+from gateway.telemetry import install as install_telemetry
 from tiers.clock import SYSTEM_CLOCK, Clock
 from tiers.factory import TierSettings, build_hierarchy
 from tiers.hierarchy import Hierarchy
@@ -115,9 +117,13 @@ def create_app(
     middlewares: Sequence[Middleware] = (),
     scheduler: Scheduler | None = None,
     token_store: TokenStore | None = None,
+    telemetry: Telemetry | None = None,
 ) -> web.Application:
     """The gateway app; the hierarchy is built on startup and closed (spilled) on cleanup,
-    the lease table opened after it and closed before it."""
+    the lease table opened after it and closed before it.
+
+    ``telemetry`` defaults to pipelines configured from the ``OTEL_*`` environment variables.
+    """
     state = GatewayState(
         config=config,
         clock=clock,
@@ -132,9 +138,14 @@ def create_app(
         client_max_size=config.max_block_bytes + BODY_SLACK_BYTES,
     )
     app[STATE] = state
+    telemetry = telemetry if telemetry is not None else Telemetry()
+    # Installed first: its middleware wraps everything, its cleanup runs after the tiers close.
+    install_telemetry(app, telemetry, authorize=state.resolve)
+    telemetry.bind_hierarchy(lambda: state.hierarchy)
 
     async def tiers_ctx(app: web.Application) -> AsyncIterator[None]:
         state.hierarchy = await factory(config)
+        state.hierarchy.observer = telemetry.metrics
         try:
             yield
         finally:
@@ -150,6 +161,7 @@ def create_app(
         # Reserves a fresh fencing epoch (a durable increment): every token of a previous run
         # is older than any this run hands out.
         await leases.open()
+        telemetry.metrics.bind_leases(leases.stats)
         state.coherence = Coherence(hierarchy, leases, state.pins)
         try:
             yield
@@ -186,7 +198,6 @@ def add_routes(app: web.Application, h: Handlers) -> None:
     r.add_post("/v1/leases/{lease_id}/renew", h.renew_lease)
     r.add_delete("/v1/leases/{lease_id}", h.release_lease)
     r.add_get("/v1/stats", h.stats, allow_head=False)
-    r.add_get("/metrics", h.metrics, allow_head=False)
     r.add_get("/healthz", h.healthz, allow_head=False)
     r.add_get("/readyz", h.readyz, allow_head=False)
     r.add_get("/openapi.json", h.openapi, allow_head=False)

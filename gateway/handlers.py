@@ -11,7 +11,6 @@ import asyncio
 import json
 import math
 import re
-from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import ClientPayloadError, web
@@ -36,7 +35,6 @@ from gateway.errors import (
 )
 from gateway.openapi import spec_bytes
 from gateway.state import GatewayState
-from tiers.base import TierStats
 from tiers.block import Block
 from tiers.hierarchy import StoreOutcome
 
@@ -454,14 +452,6 @@ class Handlers:
             }
         )
 
-    async def metrics(self, request: web.Request) -> web.Response:
-        hierarchy = self._state.hierarchy
-        text = render_metrics([] if hierarchy is None else hierarchy.stats())
-        return web.Response(
-            body=text.encode(),
-            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
-        )
-
     async def healthz(self, request: web.Request) -> web.Response:
         return json_response({"status": "ok"})
 
@@ -482,25 +472,3 @@ def _put_result(key: str, outcome: StoreOutcome) -> dict[str, object]:
     if outcome is StoreOutcome.TOO_LARGE:
         return {"key": key, "status": 413, "error": "too_large"}
     return {"key": key, "status": 507, "error": "no_room"}
-
-
-def render_metrics(stats: Sequence[TierStats]) -> str:
-    """Minimal Prometheus text (per-tier gauges and counters); issue 5 replaces it."""
-    lines: list[str] = []
-    series = (
-        ("capacity_bytes", "gauge", "Budget of the tier in bytes."),
-        ("used_bytes", "gauge", "Bytes charged against the tier's budget."),
-        ("blocks", "gauge", "Blocks held by the tier."),
-        ("hits", "counter", "Reads the tier answered."),
-        ("misses", "counter", "Reads the tier missed."),
-        ("evictions", "counter", "Blocks evicted or demoted from the tier."),
-    )
-    for field, kind, help_text in series:
-        name = f"kvgate_tier_{field}" + ("_total" if kind == "counter" else "")
-        lines.append(f"# HELP {name} {help_text}")
-        lines.append(f"# TYPE {name} {kind}")
-        for tier in stats:
-            lines.append(
-                f'{name}{{tier="{tier.name}",device="{tier.device}"}} {getattr(tier, field)}'
-            )
-    return "\n".join(lines) + "\n"

@@ -221,9 +221,34 @@ def build_spec(*, version: str = "0.1.0") -> dict[str, Any]:
                 "responses": {"200": _json(_ref("Stats"), "stats"), **_errors(401, 403)},
             }
         },
+        "/v1/metrics/summary": {
+            "get": {
+                "summary": "Latency percentiles per tier, hits, misses and the hit ratio (JSON)",
+                "description": "What the dashboard polls: per-tier levels (as /v1/stats), "
+                "hits and misses as the hierarchy sees them, get/put latency percentiles "
+                "(ms, since start) and the overall read hit ratio.",
+                "responses": {
+                    "200": _json(_ref("MetricsSummary"), "summary"),
+                    **_errors(401, 403),
+                },
+            }
+        },
+        "/dashboard": {
+            "get": {
+                "summary": "Live dashboard (one self-contained HTML page)",
+                "description": "Polls /v1/stats and /v1/metrics/summary. With tenants "
+                "configured, open it as /dashboard#token=TOKEN.",
+                "responses": {
+                    "200": {
+                        "description": "HTML",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
         "/metrics": {
             "get": {
-                "summary": "Prometheus metrics",
+                "summary": "Prometheus metrics (per-tier series carry a tier label)",
                 "responses": {
                     "200": {
                         "description": "Prometheus text format",
@@ -382,6 +407,58 @@ def build_spec(*, version: str = "0.1.0") -> dict[str, Any]:
                         "name": {"type": "string"},
                         "used_bytes": {"type": "integer"},
                         "quota_bytes": {"type": "integer", "nullable": True},
+                    },
+                },
+            },
+        },
+        "Latency": {
+            "type": "object",
+            "properties": {
+                name: {"type": "number", "nullable": True}
+                for name in ("mean_ms", "p50_ms", "p90_ms", "p99_ms")
+            }
+            | {"count": {"type": "integer"}},
+        },
+        "TierSummary": {
+            "allOf": [
+                _ref("TierStats"),
+                {
+                    "type": "object",
+                    "properties": {
+                        "hit_ratio": {"type": "number", "nullable": True},
+                        "promotions": {"type": "integer"},
+                        "demotions": {"type": "integer"},
+                        "get": _ref("Latency"),
+                        "put": _ref("Latency"),
+                    },
+                },
+            ]
+        },
+        "MetricsSummary": {
+            "type": "object",
+            "required": ["tiers", "reads"],
+            "properties": {
+                "uptime_s": {"type": "number"},
+                "tiers": {"type": "array", "items": _ref("TierSummary")},
+                "reads": {
+                    "type": "object",
+                    "properties": {
+                        "total": {"type": "integer"},
+                        "hits": {"type": "integer"},
+                        "misses": {"type": "integer"},
+                        "hit_ratio": {"type": "number", "nullable": True},
+                        "by_tier": {
+                            "type": "object",
+                            "additionalProperties": {"type": "integer"},
+                        },
+                    },
+                },
+                "leases": {
+                    "type": "object",
+                    "nullable": True,
+                    "properties": {
+                        "live": {"type": "integer"},
+                        "waiters": {"type": "integer"},
                     },
                 },
             },

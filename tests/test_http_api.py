@@ -115,7 +115,8 @@ async def test_metrics_is_prometheus_text(
         assert resp.status == 200
         assert resp.headers["Content-Type"].startswith("text/plain")
         text = await resp.text()
-    assert re.search(r'^kvgate_tier_blocks\{tier="hbm",device="[^"]+"\} 1$', text, re.M)
+    assert re.search(r'^kvgate_tier_blocks\{tier="hbm"\} 1\.0$', text, re.M)
+    assert re.search(r'^kvgate_tier_info\{device="[^"]+",tier="hbm"\} 0\.0$', text, re.M)
     assert "# TYPE kvgate_tier_hits_total counter" in text
 
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import math
 import os
 import threading
@@ -64,6 +65,7 @@ from tiers.frame import (
     frame_raw_length,
 )
 from tiers.ledger import CapacityLedger
+from tiers.observe import ATTR_BYTES, ATTR_TIER, child_span
 
 MIN_CAPACITY_BYTES: Final = 1 << 20
 DEFAULT_INITIAL_MAP_BYTES: Final = 8 << 20
@@ -310,7 +312,18 @@ class DiskTier:
             return None
         loop = asyncio.get_running_loop()
         try:
-            block = await loop.run_in_executor(self._pool, self._read_block, self._lkey(key))
+            with child_span("kvgate.lmdb.txn") as span:
+                if span.is_recording():
+                    span.set_attributes({ATTR_TIER: self.name, "kvgate.lmdb.op": "read"})
+                    # The read thread opens the decompress span: hand it this context.
+                    run = contextvars.copy_context().run
+                    block = await loop.run_in_executor(
+                        self._pool, run, self._read_block, self._lkey(key)
+                    )
+                else:
+                    block = await loop.run_in_executor(
+                        self._pool, self._read_block, self._lkey(key)
+                    )
         except CorruptBlock:
             self.corrupt_blocks += 1
             self.misses += 1
@@ -328,13 +341,27 @@ class DiskTier:
             if key in self._present:
                 return PutOutcome.EXISTS
             loop = asyncio.get_running_loop()
-            frame = await loop.run_in_executor(self._pool, self._encode, block)
+            with child_span("kvgate.zstd.compress") as span:
+                frame = await loop.run_in_executor(self._pool, self._encode, block)
+                if span.is_recording():
+                    span.set_attributes(
+                        {
+                            ATTR_TIER: self.name,
+                            ATTR_BYTES: block.meta.size,
+                            "kvgate.frame_bytes": len(frame),
+                        }
+                    )
             charge = self.charge_for(key, len(frame))
             if not self._ledger.could_ever_fit(charge):
                 return PutOutcome.TOO_LARGE
             if not self._ledger.charge(key, charge):
                 return PutOutcome.NO_ROOM
-            result = await self._submit_key_op("put", key, frame)
+            with child_span("kvgate.lmdb.txn") as span:
+                if span.is_recording():
+                    span.set_attributes(
+                        {ATTR_TIER: self.name, "kvgate.lmdb.op": "put", ATTR_BYTES: len(frame)}
+                    )
+                result = await self._submit_key_op("put", key, frame)
             if result is _NO_ROOM:
                 return PutOutcome.NO_ROOM
             if result and key in self._present:
@@ -354,13 +381,19 @@ class DiskTier:
         async with self._key_lock(key):
             if key not in self._present:
                 return None
-            frame = await self._submit_key_op("pop", key)
+            with child_span("kvgate.lmdb.txn") as span:
+                if span.is_recording():
+                    span.set_attributes({ATTR_TIER: self.name, "kvgate.lmdb.op": "pop"})
+                frame = await self._submit_key_op("pop", key)
         if frame is None:
             return None
         self.evictions += 1
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._pool, decode_frame, frame)
+            with child_span("kvgate.zstd.decompress") as span:
+                if span.is_recording():
+                    span.set_attributes({ATTR_TIER: self.name, "kvgate.frame_bytes": len(frame)})
+                return await loop.run_in_executor(self._pool, decode_frame, frame)
         except CorruptBlock:
             self.corrupt_blocks += 1
             return None
@@ -511,7 +544,12 @@ class DiskTier:
                 if frame is None:
                     return None
                 # Decoded inside the txn, straight from the map: no copy of the frame.
-                return decode_frame(frame)
+                with child_span("kvgate.zstd.decompress") as span:
+                    if span.is_recording():
+                        span.set_attributes(
+                            {ATTR_TIER: self.name, "kvgate.frame_bytes": len(frame)}
+                        )
+                    return decode_frame(frame)
         except lmdb.Error as exc:
             raise TierIOError(f"LMDB read failed: {exc}") from exc
 

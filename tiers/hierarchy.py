@@ -21,10 +21,27 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry import trace
+from opentelemetry.trace import Span
+
 from tiers.base import PutOutcome, Tier, TierStats
 from tiers.block import TENANT_SEP, Block, split_key
 from tiers.clock import SYSTEM_CLOCK, Clock
 from tiers.errors import TierConfigError, TierError
+from tiers.observe import (
+    ATTR_BYTES,
+    ATTR_HIT,
+    ATTR_OUTCOME,
+    ATTR_SOURCE,
+    ATTR_TARGET,
+    NULL_OBSERVER,
+    TierObserver,
+    child_span,
+    key_attrs,
+    note_failure,
+    recording,
+    tracer,
+)
 from tiers.policy import Access, EvictionPolicy, make_policy
 
 log = logging.getLogger(__name__)
@@ -68,6 +85,7 @@ class Hierarchy:
         config: HierarchyConfig | None = None,
         clock: Clock = SYSTEM_CLOCK,
         is_pinned: Callable[[str], bool] | None = None,
+        observer: TierObserver = NULL_OBSERVER,
     ) -> None:
         if not tiers:
             raise TierConfigError("a hierarchy needs at least one tier")
@@ -90,6 +108,8 @@ class Hierarchy:
         )
         self._promotions = [0] * len(tiers)
         self._demotions = [0] * len(tiers)
+        self.observer = observer
+        """Per-operation metrics (:mod:`tiers.observe`); the application may replace it."""
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -153,29 +173,48 @@ class Hierarchy:
 
     async def get(self, key: str, *, hint: Access | None = None) -> Hit | None:
         access = hint or Access(key, now=self._clock.time())
+        tenant = split_key(key)[0]
         moving = self._moving.get(key)
         if moving is not None:
+            self.observer.block_read(tenant, moving.tier)
             return moving
         loc = self._index.get(key)
         if loc is None:
             for policy in self._policies:
                 policy.on_miss(access)
+            self._index_misses(key, len(self._tiers))
+            self.observer.block_read(tenant, None)
             return None
         if self._expired(loc):
             await self.delete(key)
+            self._index_misses(key, len(self._tiers))
+            self.observer.block_read(tenant, None)
             return None
         idx = loc.tier
         tier = self._tiers[idx]
-        try:
-            block = await tier.get(key)
-        except TierError as exc:
-            log.warning("tier %s failed reading a block; answering a miss: %s", tier.name, exc)
-            block = None
+        self._index_misses(key, idx)
+        with child_span("kvgate.tier.get") as span:
+            if span.is_recording():
+                span.set_attributes(key_attrs(key, tier.name))
+            started = self._clock.monotonic()
+            try:
+                block = await tier.get(key)
+            except TierError as exc:
+                log.warning("tier %s failed reading a block; answering a miss: %s", tier.name, exc)
+                note_failure(span, exc, what="get")
+                block = None
+            self.observer.tier_get(tier.name, self._clock.monotonic() - started, block is not None)
+            if span.is_recording():
+                span.set_attribute(ATTR_HIT, block is not None)
+                if block is not None:
+                    span.set_attribute(ATTR_BYTES, block.meta.size)
         if block is None:
             # Lost or corrupt: the tier dropped it; forget it everywhere above.
             if self._index.get(key) is loc:
                 self._forget(key)
+            self.observer.block_read(tenant, None)
             return None
+        self.observer.block_read(tenant, tier.name)
         for policy in self._policies[:idx]:
             policy.on_miss(access)
         self._policies[idx].on_hit(access)
@@ -275,6 +314,7 @@ class Hierarchy:
                     removed = await tier.delete(key) or removed
                 except TierError as exc:
                     log.warning("tier %s failed deleting a block: %s", tier.name, exc)
+                    note_failure(trace.get_current_span(), exc, what="delete")
         return True
 
     async def shed(self, tenant: str, nbytes: int) -> int:
@@ -362,6 +402,10 @@ class Hierarchy:
     def tenant_bytes(self, tenant: str) -> int:
         return self._tenant_bytes.get(tenant, 0)
 
+    def tenant_usage(self) -> dict[str, int]:
+        """Bytes held per tenant over all tiers (a copy)."""
+        return dict(self._tenant_bytes)
+
     def __len__(self) -> int:
         return len(self._index)
 
@@ -391,6 +435,19 @@ class Hierarchy:
         except TierError as exc:
             log.warning("tier %s failed dropping a fenced block: %s", self._tiers[i].name, exc)
 
+    def _index_misses(self, key: str, upto: int) -> None:
+        """Tiers ``[0, upto)`` miss: the index says so, none of them is touched."""
+        observer = self.observer
+        for tier in self._tiers[:upto]:
+            observer.tier_get(tier.name, None, False)
+        if upto and recording():
+            # One span per tier all the same, so a trace shows where the read went looking.
+            for tier in self._tiers[:upto]:
+                attrs = key_attrs(key, tier.name)
+                attrs[ATTR_HIT] = False
+                attrs[ATTR_SOURCE] = "index"
+                tracer().start_span("kvgate.tier.get", attributes=attrs).end()
+
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
@@ -402,29 +459,53 @@ class Hierarchy:
         size = block.meta.size
         if not tier.could_ever_fit(size):
             return PutOutcome.TOO_LARGE
+        with child_span("kvgate.tier.put") as span:
+            if span.is_recording():
+                span.set_attributes(key_attrs(key, tier.name))
+                span.set_attribute(ATTR_BYTES, size)
+            outcome = await self._store_locked(i, key, block, span)
+            if span.is_recording():
+                span.set_attribute(ATTR_OUTCOME, outcome.value)
+            return outcome
+
+    async def _store_locked(self, i: int, key: str, block: Block, span: Span) -> PutOutcome:
+        tier = self._tiers[i]
+        size = block.meta.size
         async with self._locks[i]:
             while not tier.fits(size):
                 victim = self._policies[i].victim(self._excluded)
                 if victim is None:
                     return PutOutcome.NO_ROOM
                 await self._demote(i, victim)
+            started = self._clock.monotonic()
             try:
                 outcome = await tier.put(key, block)
             except TierError as exc:
                 log.warning("tier %s failed storing a block: %s", tier.name, exc)
+                note_failure(span, exc, what="put")
                 return PutOutcome.NO_ROOM
+            self.observer.tier_put(tier.name, self._clock.monotonic() - started, outcome.value)
             if outcome is PutOutcome.STORED:
                 self._policies[i].on_insert(Access(key, size, self._clock.time()))
             return outcome
 
     async def _demote(self, i: int, key: str) -> None:
+        with child_span("kvgate.tier.evict") as span:
+            if span.is_recording():
+                span.set_attributes(key_attrs(key, self._tiers[i].name))
+            await self._demote_traced(i, key, span)
+
+    async def _demote_traced(self, i: int, key: str, span: Span) -> None:
         tier = self._tiers[i]
         self._policies[i].on_remove(key)
         try:
             block = await tier.evict(key)
         except TierError as exc:
             log.warning("tier %s failed evicting a block: %s", tier.name, exc)
+            note_failure(span, exc, what="evict")
             block = None
+        if block is not None and span.is_recording():
+            span.set_attribute(ATTR_BYTES, block.meta.size)
         loc = self._index.get(key)
         if block is None or loc is None:
             if loc is not None and loc.tier == i:
@@ -445,11 +526,16 @@ class Hierarchy:
         if below >= len(self._tiers) or self._expired(loc):
             self._forget(key)
             return
+        if span.is_recording():
+            span.update_name("kvgate.tier.demote")
+            span.set_attribute(ATTR_TARGET, self._tiers[below].name)
         self._moving[key] = Hit(block, tier.name)
         try:
             outcome = await self._store_at(below, key, block)
         finally:
             del self._moving[key]
+        if span.is_recording():
+            span.set_attribute(ATTR_OUTCOME, outcome.value)
         if key in self._deleted_while_moving:
             self._deleted_while_moving.discard(key)
             if outcome in (PutOutcome.STORED, PutOutcome.EXISTS):
@@ -466,6 +552,17 @@ class Hierarchy:
         loc = self._index.get(key)
         if loc is None or loc.tier == 0 or key in self._moving:
             return
+        with child_span("kvgate.tier.promote") as span:
+            if span.is_recording():
+                span.set_attributes(key_attrs(key, self._tiers[loc.tier].name))
+                span.set_attribute(ATTR_BYTES, block.meta.size)
+            target = await self._promote_traced(key, block, loc)
+            if span.is_recording():
+                span.set_attribute(ATTR_OUTCOME, "promoted" if target is not None else "stayed")
+                if target is not None:
+                    span.set_attribute(ATTR_TARGET, self._tiers[target].name)
+
+    async def _promote_traced(self, key: str, block: Block, loc: _Loc) -> int | None:
         src = loc.tier
         access = Access(key, block.meta.size, self._clock.time())
         self._moving[key] = Hit(block, self._tiers[src].name)
@@ -484,18 +581,20 @@ class Hierarchy:
             if target is not None:
                 self._policies[target].on_remove(key)
                 await self._tiers[target].delete(key)
-            return
+            return None
         if target is None or self._index.get(key) is not loc:
-            return
+            return None
         loc.tier = target
         self._promotions[src] += 1
         if loc.durable and src == self._persistent:
-            return  # keep the durable copy where it is
+            return target  # keep the durable copy where it is
         self._policies[src].on_remove(key)
         try:
             await self._tiers[src].delete(key)
         except TierError as exc:
             log.warning("tier %s failed dropping a promoted block: %s", self._tiers[src].name, exc)
+            note_failure(trace.get_current_span(), exc, what="delete")
+        return target
 
     async def _prefetch_one(self, key: str) -> None:
         loc = self._index.get(key)
