@@ -162,7 +162,7 @@ def create_app(
         # is older than any this run hands out.
         await leases.open()
         telemetry.metrics.bind_leases(leases.stats)
-        state.coherence = Coherence(hierarchy, leases, state.pins)
+        state.coherence = Coherence(hierarchy, leases, state.pins, metrics=telemetry.metrics)
         try:
             yield
         finally:

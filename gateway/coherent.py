@@ -36,7 +36,9 @@ from coherence.leases import (
 from coherence.pins import PinTable
 from coherence.tenants import Tenant, plan_quota
 from gateway.context import RequestContext
-from tiers.block import Block
+from gateway.metrics import KvgateMetrics
+from gateway.telemetry import traced_lease_wait
+from tiers.block import Block, split_key
 from tiers.hierarchy import Hierarchy, Hit, StoreOutcome
 
 log = logging.getLogger("kvgate.coherence")
@@ -67,10 +69,18 @@ def token_store_for(hierarchy: object) -> TokenStore:
 
 
 class Coherence:
-    def __init__(self, hierarchy: Hierarchy, leases: LeaseTable, pins: PinTable) -> None:
+    def __init__(
+        self,
+        hierarchy: Hierarchy,
+        leases: LeaseTable,
+        pins: PinTable,
+        *,
+        metrics: KvgateMetrics | None = None,
+    ) -> None:
         self.hierarchy = hierarchy
         self.leases = leases
         self.pins = pins
+        self.metrics = metrics
         # A tenant with a quota writes one block at a time: "check usage, shed, store" must not
         # interleave with another of its writes, or two writes could each fit and both land.
         self._quota_locks: dict[str, asyncio.Lock] = {}
@@ -117,13 +127,25 @@ class Coherence:
 
         outcome = await self.hierarchy.put(key, block, publish_if=still_admitted)
         if outcome is StoreOutcome.FENCED:
+            self._lease_event("stale", key)
             self.leases.check_write(key, permit.token)  # raises the reason, as a 409
             raise StaleToken(f"the write lease on {key!r} was lost before the block was stored")
         visible = outcome in (StoreOutcome.STORED, StoreOutcome.EXISTS)
-        if visible and current.lease_id is not None and current.token is not None:
-            # Wakes the waiters: the block is visible (stored now, or by an earlier writer).
-            self.leases.commit(current.lease_id, current.token)
+        lease_id, token = current.lease_id, current.token
+        # Wakes the waiters: the block is visible (stored now, or by an earlier writer).
+        committed = (
+            visible
+            and lease_id is not None
+            and token is not None
+            and self.leases.commit(lease_id, token)
+        )
+        if committed:
+            self._lease_event("committed", key)
         return outcome
+
+    def _lease_event(self, event: str, key: str) -> None:
+        if self.metrics is not None:
+            self.metrics.lease_event(event, tenant=split_key(key)[0])
 
     # -- leases -------------------------------------------------------------------------------
 
@@ -135,6 +157,7 @@ class Coherence:
             # Stored by an unleased writer while a token epoch was being reserved.
             self.leases.release(answer.lease_id)
             return EXISTS
+        self._lease_event("granted" if isinstance(answer, Granted) else "conflict", key)
         return answer
 
     # -- reads --------------------------------------------------------------------------------
@@ -144,7 +167,10 @@ class Coherence:
         hit = await self.hierarchy.get(key)
         if hit is None and wait_ms > 0:
             # No await between the miss and parking: a commit cannot slip in unseen.
-            outcome = await self.leases.wait(key, wait_ms)
+            waiting = self.leases.wait(key, wait_ms)
+            outcome = await (
+                waiting if self.metrics is None else traced_lease_wait(self.metrics, key, waiting)
+            )
             if outcome is WaitOutcome.COMMITTED:
                 hit = await self.hierarchy.get(key)
         if hit is not None and pin_ms is not None:
