@@ -244,6 +244,7 @@ class LeaseTable:
         self._ended: dict[str, None] = {}  # insertion-ordered: the oldest ended key first
         self._live = 0
         self._waiting = 0
+        self._stopped = False
 
     async def open(self) -> None:
         """Reserve the first epoch now, so startup (not the first acquire) pays the disk write."""
@@ -370,7 +371,7 @@ class LeaseTable:
         if lease is None:
             return WaitOutcome.NO_LEASE
         timeout = min(timeout_ms, self.max_wait_ms)
-        if timeout <= 0:
+        if timeout <= 0 or self._stopped:
             return WaitOutcome.TIMEOUT
         fut: asyncio.Future[WaitOutcome] = asyncio.get_running_loop().create_future()
         lease.waiters.add(fut)
@@ -405,6 +406,21 @@ class LeaseTable:
         for lease in due:
             self._end(lease, LeaseState.EXPIRED)
         return len(due)
+
+    def stop_waiting(self) -> int:
+        """Shutdown: answer every parked waiter ``TIMEOUT`` now, and every later ``wait`` too.
+
+        Nobody waits out its ``wait_ms`` on a server going away. Leases stay as they are; how
+        many waiters were woken.
+        """
+        self._stopped = True
+        woken = 0
+        for lease in self._by_key.values():
+            for fut in lease.waiters:
+                if not fut.done():
+                    fut.set_result(WaitOutcome.TIMEOUT)
+                    woken += 1
+        return woken
 
     def stats(self) -> LeaseStats:
         return LeaseStats(live=self._live, waiters=self._waiting, remembered=len(self._ended))

@@ -5,8 +5,10 @@ Seams for later issues, so they plug in without touching handlers:
 * ``context_resolver`` -- who is asking (issue 3: bearer tokens -> tenants);
 * ``middlewares`` -- wrap every request outside the error middleware, so they see the final
   status of every answer (issue 5: tracing, latency histograms);
-* ``hierarchy_factory`` -- what stores the blocks (tests inject clocks; issue 3/4 may wrap the
-  hierarchy in the coherence layer or add a remote tier);
+* ``hierarchy_factory`` -- what stores the blocks (tests inject clocks; issue 4 may add a
+  remote tier); the default one gets the read pins' ``is_pinned`` as its eviction filter;
+* ``scheduler`` / ``token_store`` -- lease timers and durable fencing epochs (tests inject a
+  ``FakeScheduler`` over their ``FakeClock``; the default epochs live in the disk tier);
 * :data:`gateway.state.STATE` -- the one AppKey holding the state, for whoever needs it.
 """
 
@@ -19,7 +21,11 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from coherence.leases import LeaseTable, TokenStore
+from coherence.pins import PinTable
+from coherence.sched import Scheduler
 from gateway import shm
+from gateway.coherent import Coherence, token_store_for
 from gateway.config import GatewayConfig
 from gateway.context import ContextResolver, resolver_for
 from gateway.errors import (
@@ -30,6 +36,8 @@ from gateway.errors import (
 )
 from gateway.handlers import Handlers
 from gateway.state import STATE, GatewayState
+from gateway.telemetry import Telemetry
+from gateway.telemetry import install as install_telemetry
 from tiers.clock import SYSTEM_CLOCK, Clock
 from tiers.factory import TierSettings, build_hierarchy
 from tiers.hierarchy import Hierarchy
@@ -59,9 +67,11 @@ def tier_settings(config: GatewayConfig) -> TierSettings:
     )
 
 
-def default_hierarchy_factory(clock: Clock = SYSTEM_CLOCK) -> HierarchyFactory:
+def default_hierarchy_factory(
+    clock: Clock = SYSTEM_CLOCK, *, is_pinned: Callable[[str], bool] | None = None
+) -> HierarchyFactory:
     async def factory(config: GatewayConfig) -> Hierarchy:
-        return await build_hierarchy(tier_settings(config), clock=clock)
+        return await build_hierarchy(tier_settings(config), clock=clock, is_pinned=is_pinned)
 
     return factory
 
@@ -108,14 +118,22 @@ def create_app(
     clock: Clock = SYSTEM_CLOCK,
     context_resolver: ContextResolver | None = None,
     middlewares: Sequence[Middleware] = (),
+    scheduler: Scheduler | None = None,
+    token_store: TokenStore | None = None,
+    telemetry: Telemetry | None = None,
 ) -> web.Application:
-    """The gateway app; the hierarchy is built on startup and closed (spilled) on cleanup."""
+    """The gateway app; the hierarchy is built on startup and closed (spilled) on cleanup,
+    the lease table opened after it and closed before it.
+
+    ``telemetry`` defaults to pipelines configured from the ``OTEL_*`` environment variables.
+    """
     state = GatewayState(
         config=config,
         clock=clock,
         resolve=context_resolver or resolver_for(config.tenants),
+        pins=PinTable(clock=clock),
     )
-    factory = hierarchy_factory or default_hierarchy_factory(clock)
+    factory = hierarchy_factory or default_hierarchy_factory(clock, is_pinned=state.pins.is_pinned)
     app = web.Application(
         middlewares=[*middlewares, error_middleware],
         # Block bodies are read by hand with their own limits (checked before reading); this
@@ -123,9 +141,14 @@ def create_app(
         client_max_size=config.max_block_bytes + BODY_SLACK_BYTES,
     )
     app[STATE] = state
+    telemetry = telemetry if telemetry is not None else Telemetry()
+    # Installed first: its middleware wraps everything, its cleanup runs after the tiers close.
+    install_telemetry(app, telemetry, authorize=state.resolve)
+    telemetry.bind_hierarchy(lambda: state.hierarchy)
 
     async def tiers_ctx(app: web.Application) -> AsyncIterator[None]:
         state.hierarchy = await factory(config)
+        state.hierarchy.observer = telemetry.metrics
         try:
             yield
         finally:
@@ -133,7 +156,31 @@ def create_app(
             # close() spills the volatile tiers to disk before closing them.
             await hierarchy.close()
 
+    async def coherence_ctx(app: web.Application) -> AsyncIterator[None]:
+        hierarchy = state.store
+        leases = LeaseTable(
+            token_store or token_store_for(hierarchy), clock=clock, scheduler=scheduler
+        )
+        # Reserves a fresh fencing epoch (a durable increment): every token of a previous run
+        # is older than any this run hands out.
+        await leases.open()
+        telemetry.metrics.bind_leases(leases.stats)
+        state.coherence = Coherence(hierarchy, leases, state.pins, metrics=telemetry.metrics)
+        try:
+            yield
+        finally:
+            state.coherence = None
+            leases.stop_waiting()
+
+    async def wake_waiters(app: web.Application) -> None:
+        # Graceful shutdown waits for in-flight requests: parked GETs answer now, not after
+        # their wait_ms.
+        if state.coherence is not None:
+            state.coherence.leases.stop_waiting()
+
     app.cleanup_ctx.append(tiers_ctx)
+    app.cleanup_ctx.append(coherence_ctx)
+    app.on_shutdown.append(wake_waiters)
     add_routes(app, Handlers(state))
     if config.shm:
         shm.install(app)  # the same-host data plane: /v1/shm/*
@@ -152,11 +199,10 @@ def add_routes(app: web.Application, h: Handlers) -> None:
     r.add_post("/v1/prefetch", h.prefetch)
     r.add_post("/v1/batch/get", h.batch_get)
     r.add_post("/v1/batch/put", h.batch_put)
-    r.add_post("/v1/leases", h.leases_not_ready)
-    r.add_post("/v1/leases/{lease_id}/renew", h.leases_not_ready)
-    r.add_delete("/v1/leases/{lease_id}", h.leases_not_ready)
+    r.add_post("/v1/leases", h.acquire_lease)
+    r.add_post("/v1/leases/{lease_id}/renew", h.renew_lease)
+    r.add_delete("/v1/leases/{lease_id}", h.release_lease)
     r.add_get("/v1/stats", h.stats, allow_head=False)
-    r.add_get("/metrics", h.metrics, allow_head=False)
     r.add_get("/healthz", h.healthz, allow_head=False)
     r.add_get("/readyz", h.readyz, allow_head=False)
     r.add_get("/openapi.json", h.openapi, allow_head=False)

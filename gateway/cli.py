@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="same-host shared-memory data plane (on by default)",
     )
-    serve.add_argument("--disk-compression-level", metavar="N", help="zstd level (3)")
+    serve.add_argument("--disk-compression-level", metavar="N", help="zstd level (1)")
     serve.add_argument("--shutdown-timeout-s", metavar="S", help="graceful shutdown budget")
     serve.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING, ...")
     serve.add_argument(

@@ -24,6 +24,27 @@ class FetchedBlock:
 
 
 @dataclass(frozen=True, slots=True)
+class Lease:
+    """A granted write lease: PUT the block with ``lease_token=lease.token`` before it expires."""
+
+    lease_id: str
+    token: int
+    expires_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseHeld:
+    """Someone else is writing the block: wait for it (``get_block(wait_ms=...)``) or retry."""
+
+    retry_after_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class BlockExists:
+    """The block is already stored: read it, nothing to write."""
+
+
+@dataclass(frozen=True, slots=True)
 class BlockInfo:
     """What HEAD says about a block."""
 
@@ -116,9 +137,12 @@ class KVGateClient:
         dtype: str | None = None,
         shape: Sequence[int] | None = None,
         ttl: float | None = None,
-        lease_token: str | None = None,
+        lease_token: int | str | None = None,
     ) -> bool:
-        """``True`` when stored, ``False`` when the key was already present."""
+        """``True`` when stored, ``False`` when the key was already present.
+
+        Under a lease pass its ``token``; a lost or stale lease raises :class:`KVGateConflict`.
+        """
         headers = dict(self._auth)
         headers["Content-Type"] = "application/octet-stream"
         if dtype is not None:
@@ -128,7 +152,7 @@ class KVGateClient:
         if ttl is not None:
             headers["X-KV-TTL"] = repr(float(ttl))
         if lease_token is not None:
-            headers["X-KV-Lease-Token"] = lease_token
+            headers["X-KV-Lease-Token"] = str(lease_token)
         session = self._ensure_session()
         async with session.put(self._block_url(key), data=data, headers=headers) as resp:
             if resp.status == 201:
@@ -141,8 +165,16 @@ class KVGateClient:
         block = await self.get_block(key)
         return None if block is None else block.data
 
-    async def get_block(self, key: str, *, wait_ms: int | None = None) -> FetchedBlock | None:
-        params = {"wait_ms": str(wait_ms)} if wait_ms is not None else None
+    async def get_block(
+        self, key: str, *, wait_ms: int | None = None, pin_ms: int | None = None
+    ) -> FetchedBlock | None:
+        """The block, or ``None``. ``wait_ms``: if a write lease on the key is outstanding, wait
+        up to that long for its commit. ``pin_ms``: keep the block from eviction that long."""
+        params: dict[str, str] = {}
+        if wait_ms is not None:
+            params["wait_ms"] = str(wait_ms)
+        if pin_ms is not None:
+            params["pin_ms"] = str(pin_ms)
         session = self._ensure_session()
         async with session.get(self._block_url(key), params=params, headers=self._auth) as resp:
             if resp.status == 200:
@@ -179,14 +211,63 @@ class KVGateClient:
 
     # ------------------------------------------------------------------ chains
 
-    async def lookup(self, keys: Sequence[str]) -> tuple[int, list[str]]:
-        """``(prefix_hits, tiers)`` for the longest present prefix of ``keys``."""
-        payload = await self._post_json("/v1/lookup", {"keys": list(keys)}, expect=200)
+    async def lookup(
+        self, keys: Sequence[str], *, pin_ms: int | None = None
+    ) -> tuple[int, list[str]]:
+        """``(prefix_hits, tiers)`` for the longest present prefix of ``keys``; ``pin_ms`` also
+        pins those blocks against eviction for that long (bounded by the server)."""
+        body: dict[str, object] = {"keys": list(keys)}
+        if pin_ms is not None:
+            body["pin_ms"] = pin_ms
+        payload = await self._post_json("/v1/lookup", body, expect=200)
         return int(payload["prefix_hits"]), [str(t) for t in payload["tiers"]]
 
     async def prefetch(self, keys: Sequence[str]) -> int:
         payload = await self._post_json("/v1/prefetch", {"keys": list(keys)}, expect=202)
         return int(payload.get("accepted", len(keys)))
+
+    # ------------------------------------------------------------------ leases
+
+    async def acquire_lease(
+        self, key: str, *, ttl_ms: int = 10_000
+    ) -> Lease | LeaseHeld | BlockExists:
+        """Ask to be the one writer of ``key``: a :class:`Lease` (write it), :class:`LeaseHeld`
+        (someone else is writing it) or :class:`BlockExists` (already stored)."""
+        session = self._ensure_session()
+        body = {"key": key, "ttl_ms": ttl_ms}
+        async with session.post(self._url("/v1/leases"), json=body, headers=self._auth) as resp:
+            if resp.status == 201:
+                granted = await resp.json()
+                return Lease(
+                    lease_id=str(granted["lease_id"]),
+                    token=int(granted["token"]),
+                    expires_at_ms=int(granted["expires_at_ms"]),
+                )
+            if resp.status == 200:
+                return BlockExists()
+            if resp.status == 409:
+                raw = await resp.read()
+                try:
+                    held = json.loads(raw)
+                    return LeaseHeld(retry_after_ms=int(held["retry_after_ms"]))
+                except (ValueError, KeyError, TypeError):
+                    pass
+                raise client_error_for(409, "conflict", raw[:200].decode("utf-8", "replace"))
+            raise await _error_of(resp)
+
+    async def renew_lease(self, lease_id: str, *, ttl_ms: int | None = None) -> int:
+        """Extend the lease; its new ``expires_at_ms``. A lost lease raises
+        :class:`KVGateConflict` (409) or :class:`KVGateNotFound` (404)."""
+        body = {} if ttl_ms is None else {"ttl_ms": ttl_ms}
+        payload = await self._post_json(f"/v1/leases/{lease_id}/renew", body, expect=200)
+        return int(payload["expires_at_ms"])
+
+    async def release_lease(self, lease_id: str) -> None:
+        """Give the key up without writing (waiters are told at once)."""
+        session = self._ensure_session()
+        async with session.delete(self._url(f"/v1/leases/{lease_id}"), headers=self._auth) as resp:
+            if resp.status != 204:
+                raise await _error_of(resp)
 
     # ------------------------------------------------------------------ batch
 

@@ -103,7 +103,7 @@ class GatewayConfig:
     dram_policy: str = "lru"
     disk_policy: str = "lru"
     write_through: bool = False
-    disk_compression_level: int = 3
+    disk_compression_level: int = 1  # measured best on real bf16 KV (docs/benchmarks.md)
     remote: str | None = None
     shutdown_timeout_s: float = 10.0
     log_level: str = "INFO"

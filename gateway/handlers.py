@@ -13,13 +13,16 @@ import json
 import math
 import re
 import sys
-from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import ClientPayloadError, web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from coherence.errors import BadRequest as CoherenceBadRequest
+from coherence.errors import LeaseConflict, QuotaExceeded, StaleToken
+from coherence.leases import Held, parse_token
 from gateway import batch
+from gateway.coherent import DEFAULT_LEASE_TTL_MS, Exists
 from gateway.errors import (
     BadBatch,
     BadHeader,
@@ -28,14 +31,12 @@ from gateway.errors import (
     BadRequest,
     InsufficientStorage,
     NotFound,
-    NotImplementedYet,
     PayloadTooLarge,
     UnsupportedMediaType,
     json_error,
 )
 from gateway.openapi import spec_bytes
 from gateway.state import GatewayState
-from tiers.base import TierStats
 from tiers.block import Block
 from tiers.hierarchy import Hierarchy, StoreOutcome
 
@@ -60,6 +61,8 @@ KNOWN_DTYPES = frozenset(
 )
 MAX_TTL_S = 10 * 365 * 24 * 3600.0
 MAX_WAIT_MS = 60_000
+MAX_PIN_MS = 60_000
+MAX_LEASE_ID_CHARS = 128
 JSON_BODY_LIMIT = 16 * 1024 * 1024
 MAX_LOOKUP_KEYS = 65_536
 
@@ -94,6 +97,18 @@ async def send_pinned(
         await response.write(view)
     await response.write_eof()
     return response
+
+
+def _block_response(
+    request: web.Request, etag: str, tier: str, data: bytes | memoryview
+) -> web.Response:
+    """A block answer from bytes the handler holds (HEAD, and reads through the coherence layer)."""
+    inm = request.headers.get("If-None-Match")
+    if inm is not None and etag_matches(inm, etag):
+        return web.Response(status=304, headers={"ETag": etag, "X-KV-Tier": tier})
+    return web.Response(
+        body=data, headers={"Content-Type": _OCTET, "ETag": etag, "X-KV-Tier": tier}
+    )
 
 
 def check_key(key: str) -> str:
@@ -202,9 +217,34 @@ def parse_wait_ms(request: web.Request) -> int:
     raw = request.query.get("wait_ms")
     if raw is None:
         return 0
-    if not raw.isdigit() or int(raw) > MAX_WAIT_MS:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 6 or int(raw) > MAX_WAIT_MS:
         raise BadRequest(f"wait_ms must be an integer in 0..{MAX_WAIT_MS}")
     return int(raw)
+
+
+def parse_pin_ms(value: object, *, where: str) -> int | None:
+    """``pin_ms`` (query or JSON): how long to pin what is read; absent -> no pin."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = int(value) if value.isascii() and value.isdigit() and len(value) <= 6 else -1
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PIN_MS:
+        raise BadRequest(f"{where} pin_ms must be an integer in 1..{MAX_PIN_MS}")
+    return value
+
+
+def parse_lease_token(value: str | None) -> int | None:
+    try:
+        return parse_token(value)
+    except CoherenceBadRequest as exc:
+        raise BadHeader(str(exc)) from None
+
+
+def lease_id_of(request: web.Request) -> str:
+    lease_id = request.match_info["lease_id"]
+    if not 1 <= len(lease_id) <= MAX_LEASE_ID_CHARS:
+        raise BadRequest(f"a lease id is 1..{MAX_LEASE_ID_CHARS} characters")
+    return lease_id
 
 
 class Handlers:
@@ -224,8 +264,13 @@ class Handlers:
         state = self._state
         ctx = await state.resolve(request)
         if request.query_string:
-            # The lease wait (issue 3) plugs in here; until then there is never a write to wait on.
-            parse_wait_ms(request)
+            # Waiting for a writer's commit, or pinning what is read: the coherence layer.
+            wait_ms = parse_wait_ms(request)
+            pin_ms = parse_pin_ms(request.query.get("pin_ms"), where="query")
+            hit = await state.coherent.get(ctx.scope(key), wait_ms=wait_ms, pin_ms=pin_ms)
+            if hit is None:
+                raise NotFound(f"no block {key!r}")
+            return _block_response(request, hit.block.meta.etag, hit.tier, hit.block.data)
         store = state.store
         if request.method == "HEAD":
             return await self._head_block(request, store, ctx.scope(key), key)
@@ -257,14 +302,7 @@ class Handlers:
         hit = await store.get(scoped)
         if hit is None:
             raise NotFound(f"no block {key!r}")
-        etag = hit.block.meta.etag
-        inm = request.headers.get("If-None-Match")
-        if inm is not None and etag_matches(inm, etag):
-            return web.Response(status=304, headers={"ETag": etag, "X-KV-Tier": hit.tier})
-        return web.Response(
-            body=hit.block.data,
-            headers={"Content-Type": _OCTET, "ETag": etag, "X-KV-Tier": hit.tier},
-        )
+        return _block_response(request, hit.block.meta.etag, hit.tier, hit.block.data)
 
     async def put_block(self, request: web.Request) -> web.Response:
         key = check_key(request.match_info["key"])
@@ -278,11 +316,16 @@ class Handlers:
         dtype = parse_dtype(headers.get("X-KV-Dtype"))
         shape = parse_shape(headers.get("X-KV-Shape"))
         ttl = parse_ttl(headers.get("X-KV-TTL"))
-        # X-KV-Lease-Token is checked by the coherence layer from issue 3 on.
+        token = parse_lease_token(headers.get("X-KV-Lease-Token"))
+        coherent = state.coherent
+        scoped = ctx.scope(key)
+        # Refuse a fenced-off writer before reading a body that could never be stored.
+        coherent.leases.check_write(scoped, token)
+        # The whole body is staged in memory first: a writer that dies mid-upload leaves nothing.
         data = await read_body(request, limit)
         expires_at = None if ttl is None else state.clock.time() + ttl
         block = Block.of(data, dtype=dtype, shape=shape, expires_at=expires_at)
-        outcome = await state.store.put(ctx.scope(key), block)
+        outcome = await coherent.put(ctx, scoped, block, token=token)
         etag = block.meta.etag
         if outcome is StoreOutcome.STORED:
             return web.Response(status=201, headers={"ETag": etag})
@@ -295,7 +338,7 @@ class Handlers:
     async def delete_block(self, request: web.Request) -> web.Response:
         key = check_key(request.match_info["key"])
         ctx = await self._state.resolve(request)
-        if not await self._state.store.delete(ctx.scope(key)):
+        if not await self._state.coherent.delete(ctx.scope(key)):
             raise NotFound(f"no block {key!r}")
         return web.Response(status=204)
 
@@ -320,9 +363,15 @@ class Handlers:
 
     async def lookup(self, request: web.Request) -> web.Response:
         ctx = await self._state.resolve(request)
-        keys = keys_of(await read_json(request), limit=MAX_LOOKUP_KEYS)
-        tiers = self._state.store.lookup([ctx.scope(k) for k in keys])
-        return json_response({"prefix_hits": len(tiers), "tiers": tiers})
+        payload = await read_json(request)
+        keys = keys_of(payload, limit=MAX_LOOKUP_KEYS)
+        pin_ms = parse_pin_ms(payload.get("pin_ms"), where="lookup")
+        scoped = [ctx.scope(k) for k in keys]
+        if pin_ms is None:
+            tiers = self._state.store.lookup(scoped)
+            return json_response({"prefix_hits": len(tiers), "tiers": tiers})
+        tiers, pinned = self._state.coherent.lookup(scoped, pin_ms=pin_ms)
+        return json_response({"prefix_hits": len(tiers), "tiers": tiers, "pinned": pinned})
 
     async def prefetch(self, request: web.Request) -> web.Response:
         ctx = await self._state.resolve(request)
@@ -372,13 +421,20 @@ class Handlers:
         for item in items:
             check_key(item.key)
         expires_at = None if ttl is None else self._state.clock.time() + ttl
-        store = self._state.store
+        coherent = self._state.coherent
         results: list[dict[str, object]] = []
         counts = {"stored": 0, "exists": 0}
         # One at a time, in order: a key repeated in the batch keeps its first body.
         for item in items:
             block = Block.of(bytes(item.data), dtype=dtype, expires_at=expires_at)
-            outcome = await store.put(ctx.scope(item.key), block)
+            try:
+                outcome = await coherent.put(ctx, ctx.scope(item.key), block, token=None)
+            except (LeaseConflict, StaleToken) as exc:
+                results.append({"key": item.key, "status": 409, "error": exc.code})
+                continue
+            except QuotaExceeded as exc:
+                results.append({"key": item.key, "status": 507, "error": exc.code})
+                continue
             results.append(_put_result(item.key, outcome))
             if outcome is StoreOutcome.STORED:
                 counts["stored"] += 1
@@ -386,24 +442,80 @@ class Handlers:
                 counts["exists"] += 1
         return json_response({**counts, "results": results})
 
-    # ------------------------------------------------------------------ leases (issue 3)
+    # ------------------------------------------------------------------ leases
 
-    async def leases_not_ready(self, request: web.Request) -> web.Response:
-        await self._state.resolve(request)
-        raise NotImplementedYet("leases are not wired into this build yet")
+    async def acquire_lease(self, request: web.Request) -> web.Response:
+        ctx = await self._state.resolve(request)
+        payload = await read_json(request)
+        if not isinstance(payload, dict) or not isinstance(payload.get("key"), str):
+            raise BadJSON('expected a JSON object {"key": ..., "ttl_ms": ...}')
+        key = check_key(payload["key"])
+        ttl_ms = payload.get("ttl_ms", DEFAULT_LEASE_TTL_MS)
+        if isinstance(ttl_ms, bool) or not isinstance(ttl_ms, int) or ttl_ms < 1:
+            raise BadJSON('"ttl_ms" must be a positive integer')
+        answer = await self._state.coherent.acquire(ctx.scope(key), ttl_ms)
+        if isinstance(answer, Exists):
+            return json_response({"exists": True})
+        if isinstance(answer, Held):
+            body = {
+                "error": "lease_conflict",
+                "detail": f"another writer holds the lease on {key!r}",
+                "retry_after_ms": answer.retry_after_ms,
+            }
+            response = json_response(body, status=409)
+            response.headers["Retry-After"] = str(max(1, math.ceil(answer.retry_after_ms / 1000)))
+            return response
+        return json_response(answer.as_json(), status=201)
+
+    async def renew_lease(self, request: web.Request) -> web.Response:
+        ctx = await self._state.resolve(request)
+        lease_id = lease_id_of(request)
+        ttl_ms: int | None = None
+        raw_body = await read_body(request, JSON_BODY_LIMIT) if request.body_exists else b""
+        if raw_body.strip():
+            try:
+                payload = json.loads(raw_body)
+            except (ValueError, RecursionError):
+                raise BadJSON("the body is not valid JSON") from None
+            if not isinstance(payload, dict):
+                raise BadJSON('expected a JSON object {"ttl_ms": ...} or no body')
+            raw = payload.get("ttl_ms")
+            if raw is not None:
+                if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
+                    raise BadJSON('"ttl_ms" must be a positive integer')
+                ttl_ms = raw
+        leases = self._state.coherent.leases
+        expires_at_ms = leases.renew(lease_id, ttl_ms, tenant=ctx.tenant)
+        return json_response({"expires_at_ms": expires_at_ms})
+
+    async def release_lease(self, request: web.Request) -> web.Response:
+        ctx = await self._state.resolve(request)
+        self._state.coherent.leases.release(lease_id_of(request), tenant=ctx.tenant)
+        return web.Response(status=204)
 
     # ------------------------------------------------------------------ service
 
     async def stats(self, request: web.Request) -> web.Response:
-        await self._state.resolve(request)
-        return json_response({"tiers": [s.as_json() for s in self._state.store.stats()]})
-
-    async def metrics(self, request: web.Request) -> web.Response:
-        hierarchy = self._state.hierarchy
-        text = render_metrics([] if hierarchy is None else hierarchy.stats())
-        return web.Response(
-            body=text.encode(),
-            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+        ctx = await self._state.resolve(request)
+        store = self._state.store
+        coherent = self._state.coherent
+        leases = coherent.lease_stats()
+        return json_response(
+            {
+                "tiers": [s.as_json() for s in store.stats()],
+                "pinned_bytes": coherent.pins.pinned_bytes(),
+                "pinned_blocks": len(coherent.pins),
+                "leases": {
+                    "live": leases.live,
+                    "waiters": leases.waiters,
+                    "remembered": leases.remembered,
+                },
+                "tenant": {
+                    "name": ctx.tenant,
+                    "used_bytes": store.tenant_bytes(ctx.tenant),
+                    "quota_bytes": ctx.quota_bytes,
+                },
+            }
         )
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -426,25 +538,3 @@ def _put_result(key: str, outcome: StoreOutcome) -> dict[str, object]:
     if outcome is StoreOutcome.TOO_LARGE:
         return {"key": key, "status": 413, "error": "too_large"}
     return {"key": key, "status": 507, "error": "no_room"}
-
-
-def render_metrics(stats: Sequence[TierStats]) -> str:
-    """Minimal Prometheus text (per-tier gauges and counters); issue 5 replaces it."""
-    lines: list[str] = []
-    series = (
-        ("capacity_bytes", "gauge", "Budget of the tier in bytes."),
-        ("used_bytes", "gauge", "Bytes charged against the tier's budget."),
-        ("blocks", "gauge", "Blocks held by the tier."),
-        ("hits", "counter", "Reads the tier answered."),
-        ("misses", "counter", "Reads the tier missed."),
-        ("evictions", "counter", "Blocks evicted or demoted from the tier."),
-    )
-    for field, kind, help_text in series:
-        name = f"kvgate_tier_{field}" + ("_total" if kind == "counter" else "")
-        lines.append(f"# HELP {name} {help_text}")
-        lines.append(f"# TYPE {name} {kind}")
-        for tier in stats:
-            lines.append(
-                f'{name}{{tier="{tier.name}",device="{tier.device}"}} {getattr(tier, field)}'
-            )
-    return "\n".join(lines) + "\n"

@@ -57,7 +57,14 @@ def build_spec(*, version: str = "0.1.0") -> dict[str, Any]:
                 "in": "query",
                 "required": False,
                 "description": "wait up to N ms for an outstanding write lease to commit",
-                "schema": {"type": "integer", "minimum": 0},
+                "schema": {"type": "integer", "minimum": 0, "maximum": 60000},
+            },
+            {
+                "name": "pin_ms",
+                "in": "query",
+                "required": False,
+                "description": "pin the block against eviction for N ms (bounded by the server)",
+                "schema": {"type": "integer", "minimum": 1, "maximum": 60000},
             },
             {"name": "If-None-Match", "in": "header", "schema": {"type": "string"}},
         ],
@@ -90,7 +97,13 @@ def build_spec(*, version: str = "0.1.0") -> dict[str, Any]:
                         "description": "seconds the block may be served",
                         "schema": {"type": "number", "exclusiveMinimum": 0},
                     },
-                    {"name": "X-KV-Lease-Token", "in": "header", "schema": {"type": "string"}},
+                    {
+                        "name": "X-KV-Lease-Token",
+                        "in": "header",
+                        "description": "the lease's fencing token (decimal) when writing under "
+                        "a lease; a token older than the newest granted for the key is 409",
+                        "schema": {"type": "string", "pattern": "^[0-9]{1,19}$"},
+                    },
                 ],
                 "requestBody": {
                     "required": True,
@@ -112,8 +125,11 @@ def build_spec(*, version: str = "0.1.0") -> dict[str, Any]:
         },
         "/v1/lookup": {
             "post": {
-                "summary": "Longest present prefix of a key chain",
-                "requestBody": _KEYS_BODY,
+                "summary": "Longest present prefix of a key chain (optionally pinning it)",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("LookupRequest")}},
+                },
                 "responses": {
                     "200": _json(_ref("LookupResult"), "prefix hits and their tiers"),
                     **_errors(400, 401, 403, 413),
@@ -170,17 +186,22 @@ def build_spec(*, version: str = "0.1.0") -> dict[str, Any]:
                 "responses": {
                     "201": _json(_ref("Lease"), "granted"),
                     "200": _json(_ref("Exists"), "the block is already stored"),
-                    **_errors(400, 401, 403, 409, 501),
+                    "409": _json(_ref("LeaseHeld"), "another writer holds the lease"),
+                    **_errors(400, 401, 403),
                 },
             }
         },
         "/v1/leases/{lease_id}/renew": {
             "post": {
-                "summary": "Extend a lease",
+                "summary": "Extend a lease (same token)",
                 "parameters": [_LEASE_ID],
+                "requestBody": {
+                    "required": False,
+                    "content": {"application/json": {"schema": _ref("Renew")}},
+                },
                 "responses": {
-                    "200": _json(_ref("Lease"), "renewed"),
-                    **_errors(400, 401, 403, 404, 409, 501),
+                    "200": _json(_ref("Renewed"), "renewed"),
+                    **_errors(400, 401, 403, 404, 409),
                 },
             }
         },
@@ -188,7 +209,10 @@ def build_spec(*, version: str = "0.1.0") -> dict[str, Any]:
             "delete": {
                 "summary": "Release a lease without writing",
                 "parameters": [_LEASE_ID],
-                "responses": {"204": {"description": "released"}, **_errors(401, 403, 404, 501)},
+                "responses": {
+                    "204": {"description": "released (or nothing to release)"},
+                    **_errors(400, 401, 403),
+                },
             }
         },
         "/v1/stats": {
@@ -197,9 +221,34 @@ def build_spec(*, version: str = "0.1.0") -> dict[str, Any]:
                 "responses": {"200": _json(_ref("Stats"), "stats"), **_errors(401, 403)},
             }
         },
+        "/v1/metrics/summary": {
+            "get": {
+                "summary": "Latency percentiles per tier, hits, misses and the hit ratio (JSON)",
+                "description": "What the dashboard polls: per-tier levels (as /v1/stats), "
+                "hits and misses as the hierarchy sees them, get/put latency percentiles "
+                "(ms, since start) and the overall read hit ratio.",
+                "responses": {
+                    "200": _json(_ref("MetricsSummary"), "summary"),
+                    **_errors(401, 403),
+                },
+            }
+        },
+        "/dashboard": {
+            "get": {
+                "summary": "Live dashboard (one self-contained HTML page)",
+                "description": "Polls /v1/stats and /v1/metrics/summary. With tenants "
+                "configured, open it as /dashboard#token=TOKEN.",
+                "responses": {
+                    "200": {
+                        "description": "HTML",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
         "/metrics": {
             "get": {
-                "summary": "Prometheus metrics",
+                "summary": "Prometheus metrics (per-tier series carry a tier label)",
                 "responses": {
                     "200": {
                         "description": "Prometheus text format",
@@ -240,12 +289,26 @@ def build_spec(*, version: str = "0.1.0") -> dict[str, Any]:
                 "keys": {"type": "array", "items": {"type": "string", "pattern": KEY_PATTERN}}
             },
         },
+        "LookupRequest": {
+            "type": "object",
+            "required": ["keys"],
+            "properties": {
+                "keys": {"type": "array", "items": {"type": "string", "pattern": KEY_PATTERN}},
+                "pin_ms": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "maximum": 60000,
+                    "description": "pin the present prefix against eviction for this long",
+                },
+            },
+        },
         "LookupResult": {
             "type": "object",
             "required": ["prefix_hits", "tiers"],
             "properties": {
                 "prefix_hits": {"type": "integer", "minimum": 0},
                 "tiers": {"type": "array", "items": {"type": "string"}},
+                "pinned": {"type": "integer", "description": "blocks pinned (with pin_ms)"},
             },
         },
         "Accepted": {"type": "object", "properties": {"accepted": {"type": "integer"}}},
@@ -277,11 +340,27 @@ def build_spec(*, version: str = "0.1.0") -> dict[str, Any]:
         },
         "Lease": {
             "type": "object",
+            "required": ["lease_id", "token", "expires_at_ms"],
             "properties": {
                 "lease_id": {"type": "string"},
-                "token": {"type": "string"},
-                "expires_at_ms": {"type": "integer"},
+                "token": {"type": "integer", "description": "fencing token: X-KV-Lease-Token"},
+                "expires_at_ms": {"type": "integer", "description": "wall clock, ms"},
             },
+        },
+        "LeaseHeld": {
+            "type": "object",
+            "required": ["error", "detail", "retry_after_ms"],
+            "properties": {
+                "error": {"type": "string"},
+                "detail": {"type": "string"},
+                "retry_after_ms": {"type": "integer"},
+            },
+        },
+        "Renew": {"type": "object", "properties": {"ttl_ms": {"type": "integer", "minimum": 1}}},
+        "Renewed": {
+            "type": "object",
+            "required": ["expires_at_ms"],
+            "properties": {"expires_at_ms": {"type": "integer"}},
         },
         "Exists": {"type": "object", "properties": {"exists": {"type": "boolean"}}},
         "TierStats": {
@@ -310,7 +389,79 @@ def build_spec(*, version: str = "0.1.0") -> dict[str, Any]:
         "Stats": {
             "type": "object",
             "required": ["tiers"],
-            "properties": {"tiers": {"type": "array", "items": _ref("TierStats")}},
+            "properties": {
+                "tiers": {"type": "array", "items": _ref("TierStats")},
+                "pinned_bytes": {"type": "integer"},
+                "pinned_blocks": {"type": "integer"},
+                "leases": {
+                    "type": "object",
+                    "properties": {
+                        "live": {"type": "integer"},
+                        "waiters": {"type": "integer"},
+                        "remembered": {"type": "integer"},
+                    },
+                },
+                "tenant": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string"},
+                        "used_bytes": {"type": "integer"},
+                        "quota_bytes": {"type": "integer", "nullable": True},
+                    },
+                },
+            },
+        },
+        "Latency": {
+            "type": "object",
+            "properties": {
+                name: {"type": "number", "nullable": True}
+                for name in ("mean_ms", "p50_ms", "p90_ms", "p99_ms")
+            }
+            | {"count": {"type": "integer"}},
+        },
+        "TierSummary": {
+            "allOf": [
+                _ref("TierStats"),
+                {
+                    "type": "object",
+                    "properties": {
+                        "hit_ratio": {"type": "number", "nullable": True},
+                        "promotions": {"type": "integer"},
+                        "demotions": {"type": "integer"},
+                        "get": _ref("Latency"),
+                        "put": _ref("Latency"),
+                    },
+                },
+            ]
+        },
+        "MetricsSummary": {
+            "type": "object",
+            "required": ["tiers", "reads"],
+            "properties": {
+                "uptime_s": {"type": "number"},
+                "tiers": {"type": "array", "items": _ref("TierSummary")},
+                "reads": {
+                    "type": "object",
+                    "properties": {
+                        "total": {"type": "integer"},
+                        "hits": {"type": "integer"},
+                        "misses": {"type": "integer"},
+                        "hit_ratio": {"type": "number", "nullable": True},
+                        "by_tier": {
+                            "type": "object",
+                            "additionalProperties": {"type": "integer"},
+                        },
+                    },
+                },
+                "leases": {
+                    "type": "object",
+                    "nullable": True,
+                    "properties": {
+                        "live": {"type": "integer"},
+                        "waiters": {"type": "integer"},
+                    },
+                },
+            },
         },
     }
     paths.update(_shm_paths())

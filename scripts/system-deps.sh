@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests and benchmarks need (redis-server, docker-compose for
-# validating compose.yaml). Idempotent and quiet when everything is present; needs root or sudo
-# only when something is missing.
+# validating compose.yaml, chromium for the headless dashboard test). Idempotent and quiet when
+# everything is present; needs root or sudo only when something is missing.
 set -euo pipefail
 need=()
 # Mooncake Store's wheel (a benchmark peer) loads these at import time.
@@ -10,6 +10,9 @@ for lib in libibverbs1 librdmacm1 libnuma1 liburing2; do
 done
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  need+=(chromium fonts-dejavu-core)
+fi
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi

@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from coherence.sched import FakeScheduler
 from gateway.app import create_app
 from gateway.config import GatewayConfig, MiB
 from gateway.server import make_runner
@@ -38,6 +39,8 @@ class RunningGateway:
     app: web.Application
     clock: FakeClock
     config: GatewayConfig
+    scheduler: FakeScheduler
+    """Lease and waiter timers: ``scheduler.advance(s)`` moves ``clock`` and fires them."""
 
     @property
     def hierarchy(self) -> Hierarchy:
@@ -50,15 +53,16 @@ class RunningGateway:
 @asynccontextmanager
 async def running_gateway(data_dir: Path, **overrides: Any) -> AsyncIterator[RunningGateway]:
     clock = FakeClock()
+    scheduler = FakeScheduler(clock)
     config = replace(SMALL_TIERS, data_dir=data_dir, **overrides)
-    app = create_app(config, clock=clock)
+    app = create_app(config, clock=clock, scheduler=scheduler)
     runner = make_runner(app, config)
     await runner.setup()
     try:
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         port = runner.addresses[0][1]
-        yield RunningGateway(f"http://127.0.0.1:{port}", app, clock, config)
+        yield RunningGateway(f"http://127.0.0.1:{port}", app, clock, config, scheduler)
     finally:
         await runner.cleanup()
 

@@ -1,4 +1,4 @@
-"""Lookup, prefetch, stats, metrics, health, OpenAPI and the lease placeholders."""
+"""Lookup, prefetch, stats, metrics, health, OpenAPI and the lease routes."""
 
 from __future__ import annotations
 
@@ -116,7 +116,8 @@ async def test_metrics_is_prometheus_text(
         assert resp.status == 200
         assert resp.headers["Content-Type"].startswith("text/plain")
         text = await resp.text()
-    assert re.search(r'^kvgate_tier_blocks\{tier="hbm",device="[^"]+"\} 1$', text, re.M)
+    assert re.search(r'^kvgate_tier_blocks\{tier="hbm"\} 1\.0$', text, re.M)
+    assert re.search(r'^kvgate_tier_info\{device="[^"]+",tier="hbm"\} 0\.0$', text, re.M)
     assert "# TYPE kvgate_tier_hits_total counter" in text
 
 
@@ -143,18 +144,25 @@ async def test_openapi_lists_exactly_the_apps_routes(
     assert routed == documented
 
 
-async def test_lease_routes_answer_501_json_for_now(
+async def test_lease_routes_answer_per_contract(
     gateway: RunningGateway, http: aiohttp.ClientSession
 ) -> None:
-    calls = [
-        http.post(f"{gateway.url}/v1/leases", json={"key": "k", "ttl_ms": 1000}),
-        http.post(f"{gateway.url}/v1/leases/abc/renew"),
-        http.delete(f"{gateway.url}/v1/leases/abc"),
-    ]
-    for call in calls:
-        async with call as resp:
-            assert resp.status == 501
-            assert (await resp.json())["error"] == "not_implemented"
+    async with http.post(f"{gateway.url}/v1/leases", json={"key": "k", "ttl_ms": 1000}) as resp:
+        assert resp.status == 201
+        granted = await resp.json()
+    assert set(granted) == {"lease_id", "token", "expires_at_ms"}
+    renew = f"{gateway.url}/v1/leases/{granted['lease_id']}/renew"
+    async with http.post(renew) as resp:
+        assert resp.status == 200
+        assert set(await resp.json()) == {"expires_at_ms"}
+    async with http.delete(f"{gateway.url}/v1/leases/{granted['lease_id']}") as resp:
+        assert resp.status == 204
+    async with http.post(renew) as resp:
+        assert resp.status == 409
+        assert (await resp.json())["error"] == "lease_lost"
+    async with http.post(f"{gateway.url}/v1/leases/nope/renew") as resp:
+        assert resp.status == 404
+        assert (await resp.json())["error"] == "lease_not_found"
 
 
 class ExplodingHierarchy:

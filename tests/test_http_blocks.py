@@ -56,7 +56,7 @@ async def test_blocks_spread_over_tiers_and_all_read_back_exactly(
     placed = {key: gateway.hierarchy.locate(f"default/{key}") for key in keys}
     assert set(placed.values()) == {"hbm", "dram", "disk"}
     for key in keys:
-        # The previous read's promotion may still be moving blocks down: let it settle first.
+        # Earlier hits promote in the background and may demote this block: settle first.
         await gateway.hierarchy.quiesce()
         tier_before = gateway.hierarchy.locate(f"default/{key}")
         async with http.get(gateway.block_url(key)) as resp:

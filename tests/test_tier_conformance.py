@@ -10,7 +10,8 @@ from tests.tierkit import PAGE, TIER_FACTORIES, payload
 from tiers.base import PutOutcome, Tier
 from tiers.block import Block
 
-CAPACITY = 64 * PAGE
+# 1 MiB: the floor the disk tier accepts (LMDB needs room for its own pages).
+CAPACITY = 256 * PAGE
 
 
 @pytest.fixture(params=sorted(TIER_FACTORIES))
@@ -81,7 +82,8 @@ async def test_budget_is_never_exceeded_and_no_room_is_a_value(tier: Tier) -> No
 
 async def test_too_large_is_reported(tier: Tier) -> None:
     assert not tier.could_ever_fit(CAPACITY * 4)
-    assert await tier.put("t/huge", Block.of(bytes(CAPACITY * 4))) is PutOutcome.TOO_LARGE
+    huge = Block.of(payload("huge", CAPACITY * 4))
+    assert await tier.put("t/huge", huge) is PutOutcome.TOO_LARGE
 
 
 async def test_evict_hands_back_the_block_and_frees_room(tier: Tier) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import random
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -27,7 +28,15 @@ async def make_dram_offloop(path: Path, capacity: int) -> Tier:
     return ArenaTier("dram", capacity, page_bytes=PAGE, inline_copy_bytes=0)
 
 
+async def make_disk(path: Path, capacity: int) -> Tier:
+    # LMDB needs a floor of budget for its own pages; the suite fills it by fits()/NO_ROOM.
+    from tiers.disk import DiskTier
+
+    return await DiskTier.open(path / "disk", capacity_bytes=max(capacity, 1 << 20))
+
+
 TIER_FACTORIES: dict[str, TierFactory] = {
+    "disk": make_disk,
     "hbm": make_hbm,
     "dram": make_dram,
     "dram-offloop": make_dram_offloop,
@@ -35,7 +44,10 @@ TIER_FACTORIES: dict[str, TierFactory] = {
 
 
 def payload(key: str, size: int) -> bytes:
-    """Deterministic, key-derived bytes: a block served under the wrong key is detectable."""
-    seed = hashlib.sha256(key.encode()).digest()
-    reps = size // len(seed) + 1
-    return (seed * reps)[:size]
+    """Deterministic, key-derived, incompressible bytes.
+
+    A block served under the wrong key is detectable, and the disk tier's compression cannot
+    shrink it, so budgets fill as they would with dense data.
+    """
+    seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+    return random.Random(seed).randbytes(size)

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import math
 import os
 import threading
@@ -55,8 +56,16 @@ from tiers.base import PutOutcome, TierStats
 from tiers.block import Block, digest
 from tiers.clock import SYSTEM_CLOCK, Clock
 from tiers.errors import CorruptBlock, TierClosed, TierConfigError, TierError, TierIOError
-from tiers.frame import DEFAULT_LEVEL, MAX_FRAME_OVERHEAD, ByteGroup, decode_frame, encode_frame
+from tiers.frame import (
+    DEFAULT_LEVEL,
+    MAX_FRAME_OVERHEAD,
+    ByteGroup,
+    decode_frame,
+    encode_frame,
+    frame_raw_length,
+)
 from tiers.ledger import CapacityLedger
+from tiers.observe import ATTR_BYTES, ATTR_TIER, child_span
 
 MIN_CAPACITY_BYTES: Final = 1 << 20
 DEFAULT_INITIAL_MAP_BYTES: Final = 8 << 20
@@ -197,6 +206,7 @@ class DiskTier:
         self._ledger_budget = max(0, capacity_bytes - reserve)
         self._ledger = CapacityLedger(self._ledger_budget)
         self._present: set[str] = set()
+        self._sizes: dict[str, int] = {}  # raw (uncompressed) bytes per block, for quotas
         self._gate = _ResizeGate()
         self._own_executor = executor is None
         self._pool: Executor = executor or ThreadPoolExecutor(
@@ -256,6 +266,10 @@ class DiskTier:
     def contains(self, key: str) -> bool:
         return key in self._present
 
+    def size_of(self, key: str) -> int:
+        """Uncompressed bytes of a stored block (0 when absent): what quotas count."""
+        return self._sizes.get(key, 0)
+
     def keys(self) -> list[str]:
         return list(self._present)
 
@@ -298,7 +312,18 @@ class DiskTier:
             return None
         loop = asyncio.get_running_loop()
         try:
-            block = await loop.run_in_executor(self._pool, self._read_block, self._lkey(key))
+            with child_span("kvgate.lmdb.txn") as span:
+                if span.is_recording():
+                    span.set_attributes({ATTR_TIER: self.name, "kvgate.lmdb.op": "read"})
+                    # The read thread opens the decompress span: hand it this context.
+                    run = contextvars.copy_context().run
+                    block = await loop.run_in_executor(
+                        self._pool, run, self._read_block, self._lkey(key)
+                    )
+                else:
+                    block = await loop.run_in_executor(
+                        self._pool, self._read_block, self._lkey(key)
+                    )
         except CorruptBlock:
             self.corrupt_blocks += 1
             self.misses += 1
@@ -316,15 +341,31 @@ class DiskTier:
             if key in self._present:
                 return PutOutcome.EXISTS
             loop = asyncio.get_running_loop()
-            frame = await loop.run_in_executor(self._pool, self._encode, block)
+            with child_span("kvgate.zstd.compress") as span:
+                frame = await loop.run_in_executor(self._pool, self._encode, block)
+                if span.is_recording():
+                    span.set_attributes(
+                        {
+                            ATTR_TIER: self.name,
+                            ATTR_BYTES: block.meta.size,
+                            "kvgate.frame_bytes": len(frame),
+                        }
+                    )
             charge = self.charge_for(key, len(frame))
             if not self._ledger.could_ever_fit(charge):
                 return PutOutcome.TOO_LARGE
             if not self._ledger.charge(key, charge):
                 return PutOutcome.NO_ROOM
-            result = await self._submit_key_op("put", key, frame)
+            with child_span("kvgate.lmdb.txn") as span:
+                if span.is_recording():
+                    span.set_attributes(
+                        {ATTR_TIER: self.name, "kvgate.lmdb.op": "put", ATTR_BYTES: len(frame)}
+                    )
+                result = await self._submit_key_op("put", key, frame)
             if result is _NO_ROOM:
                 return PutOutcome.NO_ROOM
+            if result and key in self._present:
+                self._sizes[key] = block.meta.size
             return PutOutcome.STORED if result else PutOutcome.EXISTS
 
     async def delete(self, key: str) -> bool:
@@ -340,13 +381,19 @@ class DiskTier:
         async with self._key_lock(key):
             if key not in self._present:
                 return None
-            frame = await self._submit_key_op("pop", key)
+            with child_span("kvgate.lmdb.txn") as span:
+                if span.is_recording():
+                    span.set_attributes({ATTR_TIER: self.name, "kvgate.lmdb.op": "pop"})
+                frame = await self._submit_key_op("pop", key)
         if frame is None:
             return None
         self.evictions += 1
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._pool, decode_frame, frame)
+            with child_span("kvgate.zstd.decompress") as span:
+                if span.is_recording():
+                    span.set_attributes({ATTR_TIER: self.name, "kvgate.frame_bytes": len(frame)})
+                return await loop.run_in_executor(self._pool, decode_frame, frame)
         except CorruptBlock:
             self.corrupt_blocks += 1
             return None
@@ -479,6 +526,7 @@ class DiskTier:
                 self._ledger.release(op.key)
         elif op.kind in ("delete", "pop") and not isinstance(result, BaseException):
             self._present.discard(op.key)
+            self._sizes.pop(op.key, None)
             self._ledger.release(op.key)
         if op.future.done():
             return
@@ -496,7 +544,12 @@ class DiskTier:
                 if frame is None:
                     return None
                 # Decoded inside the txn, straight from the map: no copy of the frame.
-                return decode_frame(frame)
+                with child_span("kvgate.zstd.decompress") as span:
+                    if span.is_recording():
+                        span.set_attributes(
+                            {ATTR_TIER: self.name, "kvgate.frame_bytes": len(frame)}
+                        )
+                    return decode_frame(frame)
         except lmdb.Error as exc:
             raise TierIOError(f"LMDB read failed: {exc}") from exc
 
@@ -646,6 +699,7 @@ class DiskTier:
                     drop.append(lkey)  # not ours, or over a budget that shrank since
                     continue
                 self._present.add(key)
+                self._sizes[key] = frame_raw_length(v)
         if drop:
             with self._env.begin(write=True) as txn:
                 for lkey in drop:

@@ -25,7 +25,7 @@ class TierSettings:
     dram_policy: str | None = None
     disk_policy: str | None = None
     write_through: bool = False
-    disk_compression_level: int = 3
+    disk_compression_level: int = 1  # measured best on real bf16 KV (docs/benchmarks.md)
     promote_on_hit: bool = True
     spill_on_close: bool = True
     spill_behind: int = 8

@@ -312,6 +312,14 @@ def frame_codec(buf: bytes | memoryview) -> str:
     return name
 
 
+def frame_raw_length(buf: bytes | memoryview) -> int:
+    """The raw block length a frame's header declares, read without decoding (0 if unreadable)."""
+    if len(buf) < _FIXED.size:
+        return 0
+    fields = _FIXED.unpack_from(buf, 0)
+    return int(fields[5]) if fields[0] == MAGIC else 0
+
+
 def decode_frame(buf: bytes | memoryview) -> Block:
     """Parse, decompress and verify one frame.
 

@@ -21,10 +21,27 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry import trace
+from opentelemetry.trace import Span
+
 from tiers.base import HeldBlock, PinnableTier, PinnedBlock, PutOutcome, Tier, TierStats
-from tiers.block import Block, split_key
+from tiers.block import TENANT_SEP, Block, split_key
 from tiers.clock import SYSTEM_CLOCK, Clock
 from tiers.errors import TierConfigError, TierError
+from tiers.observe import (
+    ATTR_BYTES,
+    ATTR_HIT,
+    ATTR_OUTCOME,
+    ATTR_SOURCE,
+    ATTR_TARGET,
+    NULL_OBSERVER,
+    TierObserver,
+    child_span,
+    key_attrs,
+    note_failure,
+    recording,
+    tracer,
+)
 from tiers.policy import Access, EvictionPolicy, make_policy
 
 log = logging.getLogger(__name__)
@@ -35,6 +52,7 @@ class StoreOutcome(enum.Enum):
     EXISTS = "exists"
     NO_ROOM = "no_room"  # nothing evictable in any tier that could hold it
     TOO_LARGE = "too_large"  # larger than every tier
+    FENCED = "fenced"  # the caller's publish check refused it at the last moment: nothing visible
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +96,7 @@ class Hierarchy:
         config: HierarchyConfig | None = None,
         clock: Clock = SYSTEM_CLOCK,
         is_pinned: Callable[[str], bool] | None = None,
+        observer: TierObserver = NULL_OBSERVER,
     ) -> None:
         if not tiers:
             raise TierConfigError("a hierarchy needs at least one tier")
@@ -100,6 +119,8 @@ class Hierarchy:
         )
         self._promotions = [0] * len(tiers)
         self._demotions = [0] * len(tiers)
+        self.observer = observer
+        """Per-operation metrics (:mod:`tiers.observe`); the application may replace it."""
         spill_behind = self._config.spill_behind
         self._spill_slots = asyncio.Semaphore(spill_behind) if spill_behind > 0 else None
 
@@ -165,24 +186,44 @@ class Hierarchy:
 
     async def get(self, key: str, *, hint: Access | None = None) -> Hit | None:
         access = hint or Access(key, now=self._clock.time())
+        tenant = split_key(key)[0]
         moving = self._moving.get(key)
         if moving is not None:
-            return None if key in self._deleted_while_moving else moving
+            if key in self._deleted_while_moving:
+                self.observer.block_read(tenant, None)
+                return None
+            self.observer.block_read(tenant, moving.tier)
+            return moving
         loc = self._index.get(key)
         if loc is None:
             for policy in self._policies:
                 policy.on_miss(access)
+            self._index_misses(key, len(self._tiers))
+            self.observer.block_read(tenant, None)
             return None
         if self._expired(loc):
             await self.delete(key)
+            self._index_misses(key, len(self._tiers))
+            self.observer.block_read(tenant, None)
             return None
         idx = loc.tier
         tier = self._tiers[idx]
-        try:
-            block = await tier.get(key)
-        except TierError as exc:
-            log.warning("tier %s failed reading a block; answering a miss: %s", tier.name, exc)
-            block = None
+        self._index_misses(key, idx)
+        with child_span("kvgate.tier.get") as span:
+            if span.is_recording():
+                span.set_attributes(key_attrs(key, tier.name))
+            started = self._clock.monotonic()
+            try:
+                block = await tier.get(key)
+            except TierError as exc:
+                log.warning("tier %s failed reading a block; answering a miss: %s", tier.name, exc)
+                note_failure(span, exc, what="get")
+                block = None
+            self.observer.tier_get(tier.name, self._clock.monotonic() - started, block is not None)
+            if span.is_recording():
+                span.set_attribute(ATTR_HIT, block is not None)
+                if block is not None:
+                    span.set_attribute(ATTR_BYTES, block.meta.size)
         if block is None:
             if self._index.get(key) is loc and (loc.tier != idx or key in self._moving):
                 # It moved (a promotion or demotion) while this read awaited: read it there.
@@ -190,7 +231,9 @@ class Hierarchy:
             # Lost or corrupt: the tier dropped it; forget it everywhere above.
             if self._index.get(key) is loc:
                 self._forget(key)
+            self.observer.block_read(tenant, None)
             return None
+        self.observer.block_read(tenant, tier.name)
         for policy in self._policies[:idx]:
             policy.on_miss(access)
         self._policies[idx].on_hit(access)
@@ -212,6 +255,9 @@ class Hierarchy:
             return None if hit is None else PinnedHit(HeldBlock(hit.block), hit.tier)
         idx = loc.tier
         access = Access(key, now=self._clock.time())
+        self._index_misses(key, idx)
+        self.observer.tier_get(tier.name, 0.0, True)
+        self.observer.block_read(split_key(key)[0], tier.name)
         for policy in self._policies[:idx]:
             policy.on_miss(access)
         self._policies[idx].on_hit(access)
@@ -225,20 +271,33 @@ class Hierarchy:
 
     # -- writes ----------------------------------------------------------------------------
 
-    async def put(self, key: str, block: Block) -> StoreOutcome:
-        # A key deleted while it moves between tiers is gone for readers, but cannot be stored
-        # again until the move has ended (the move's clean-up would remove the new copy).
-        if key in self._moving or self.contains(key):
-            return StoreOutcome.EXISTS
-        pending = self._storing.get(key)
-        if pending is not None:
+    async def put(
+        self, key: str, block: Block, *, publish_if: Callable[[], bool] | None = None
+    ) -> StoreOutcome:
+        """Store ``block`` under ``key`` unless present (first writer wins).
+
+        ``publish_if`` is asked at the last synchronous point before the block becomes visible
+        (after it is staged in a tier, before it is indexed): ``False`` unstages it and answers
+        ``FENCED``, so a writer that lost its lease while its bytes were being stored never
+        publishes them.
+        """
+        while True:
+            # A key deleted while it moves between tiers is gone for readers, but cannot be
+            # stored again until the move has ended (its clean-up would remove the new copy).
+            if key in self._moving or self.contains(key):
+                return StoreOutcome.EXISTS
+            pending = self._storing.get(key)
+            if pending is None:
+                break
             # Same key stored concurrently: first writer wins, the others see it present.
             outcome = await asyncio.shield(pending)
-            return StoreOutcome.EXISTS if outcome is StoreOutcome.STORED else outcome
+            if outcome is not StoreOutcome.FENCED:
+                return StoreOutcome.EXISTS if outcome is StoreOutcome.STORED else outcome
+            # The first writer was fenced off and published nothing: this one may still.
         future: asyncio.Future[StoreOutcome] = asyncio.get_running_loop().create_future()
         self._storing[key] = future
         try:
-            outcome = await self._put_new(key, block)
+            outcome = await self._put_new(key, block, publish_if)
             future.set_result(outcome)
             return outcome
         except BaseException as exc:
@@ -248,7 +307,9 @@ class Hierarchy:
         finally:
             del self._storing[key]
 
-    async def _put_new(self, key: str, block: Block) -> StoreOutcome:
+    async def _put_new(
+        self, key: str, block: Block, publish_if: Callable[[], bool] | None
+    ) -> StoreOutcome:
         size = block.meta.size
         if not any(t.could_ever_fit(size) for t in self._tiers):
             return StoreOutcome.TOO_LARGE
@@ -259,6 +320,9 @@ class Hierarchy:
             # The durable copy first: a block acknowledged under write-through survives a crash.
             if await self._store_at(self._persistent, key, block) is not PutOutcome.STORED:
                 return StoreOutcome.NO_ROOM
+            if publish_if is not None and not publish_if():
+                await self._unstage(self._persistent, key)
+                return StoreOutcome.FENCED
             durable = True
             self._index[key] = _Loc(self._persistent, size, block.meta.expires_at, durable=True)
             self._account(key, size)
@@ -274,6 +338,11 @@ class Hierarchy:
                 if key in self._index:
                     self._index[key].tier = i
                 else:
+                    # No await since the tier stored it: the check and the index entry that
+                    # makes the block visible happen in one step of the event loop.
+                    if publish_if is not None and not publish_if():
+                        await self._unstage(i, key)
+                        return StoreOutcome.FENCED
                     self._index[key] = _Loc(i, size, block.meta.expires_at)
                     self._account(key, size)
                 return StoreOutcome.STORED
@@ -294,7 +363,44 @@ class Hierarchy:
                     removed = await tier.delete(key) or removed
                 except TierError as exc:
                     log.warning("tier %s failed deleting a block: %s", tier.name, exc)
+                    note_failure(trace.get_current_span(), exc, what="delete")
         return True
+
+    async def shed(self, tenant: str, nbytes: int) -> int:
+        """Drop at least ``nbytes`` of ``tenant``'s own blocks, coldest tier first; bytes freed.
+
+        For quotas: victims come from each tier's policy, restricted to the tenant's keys and
+        skipping pinned or moving blocks, so another tenant's data is never touched. Dropped
+        blocks leave every tier (a quota counts a block once, wherever it lives). Frees less
+        than asked when the tenant has nothing more that may go.
+        """
+        prefix = tenant + TENANT_SEP
+        freed = 0
+
+        def not_ours(key: str) -> bool:
+            return not key.startswith(prefix) or self._excluded(key)
+
+        for i in range(len(self._tiers) - 1, -1, -1):
+            policy = self._policies[i]
+            while freed < nbytes:
+                victim = policy.victim(not_ours)
+                if victim is None:
+                    break
+                loc = self._index.get(victim)
+                if loc is None:
+                    policy.on_remove(victim)  # a stale policy entry: forget it and go on
+                    continue
+                await self.delete(victim)
+                freed += loc.size
+        return freed
+
+    def size_of(self, key: str) -> int | None:
+        """The block's size in bytes if it is present (an index look-up, no I/O)."""
+        moving = self._moving.get(key)
+        if moving is not None:
+            return moving.block.meta.size
+        loc = self._index.get(key)
+        return None if loc is None or self._expired(loc) else loc.size
 
     async def prefetch(self, keys: Sequence[str]) -> int:
         """Schedule promotion of the colder ones among ``keys``; returns how many."""
@@ -345,6 +451,10 @@ class Hierarchy:
     def tenant_bytes(self, tenant: str) -> int:
         return self._tenant_bytes.get(tenant, 0)
 
+    def tenant_usage(self) -> dict[str, int]:
+        """Bytes held per tenant over all tiers (a copy)."""
+        return dict(self._tenant_bytes)
+
     def __len__(self) -> int:
         return len(self._index)
 
@@ -366,6 +476,27 @@ class Hierarchy:
             tenant = split_key(key)[0]
             self._tenant_bytes[tenant] = self._tenant_bytes.get(tenant, 0) - loc.size
 
+    async def _unstage(self, i: int, key: str) -> None:
+        """Take back a block stored in tier ``i`` but never indexed (so never visible)."""
+        self._policies[i].on_remove(key)
+        try:
+            await self._tiers[i].delete(key)
+        except TierError as exc:
+            log.warning("tier %s failed dropping a fenced block: %s", self._tiers[i].name, exc)
+
+    def _index_misses(self, key: str, upto: int) -> None:
+        """Tiers ``[0, upto)`` miss: the index says so, none of them is touched."""
+        observer = self.observer
+        for tier in self._tiers[:upto]:
+            observer.tier_get(tier.name, None, False)
+        if upto and recording():
+            # One span per tier all the same, so a trace shows where the read went looking.
+            for tier in self._tiers[:upto]:
+                attrs = key_attrs(key, tier.name)
+                attrs[ATTR_HIT] = False
+                attrs[ATTR_SOURCE] = "index"
+                tracer().start_span("kvgate.tier.get", attributes=attrs).end()
+
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
@@ -377,29 +508,53 @@ class Hierarchy:
         size = block.meta.size
         if not tier.could_ever_fit(size):
             return PutOutcome.TOO_LARGE
+        with child_span("kvgate.tier.put") as span:
+            if span.is_recording():
+                span.set_attributes(key_attrs(key, tier.name))
+                span.set_attribute(ATTR_BYTES, size)
+            outcome = await self._store_locked(i, key, block, span)
+            if span.is_recording():
+                span.set_attribute(ATTR_OUTCOME, outcome.value)
+            return outcome
+
+    async def _store_locked(self, i: int, key: str, block: Block, span: Span) -> PutOutcome:
+        tier = self._tiers[i]
+        size = block.meta.size
         async with self._locks[i]:
             while not tier.fits(size):
                 victim = self._policies[i].victim(self._excluded)
                 if victim is None:
                     return PutOutcome.NO_ROOM
                 await self._demote(i, victim)
+            started = self._clock.monotonic()
             try:
                 outcome = await tier.put(key, block)
             except TierError as exc:
                 log.warning("tier %s failed storing a block: %s", tier.name, exc)
+                note_failure(span, exc, what="put")
                 return PutOutcome.NO_ROOM
+            self.observer.tier_put(tier.name, self._clock.monotonic() - started, outcome.value)
             if outcome is PutOutcome.STORED:
                 self._policies[i].on_insert(Access(key, size, self._clock.time()))
             return outcome
 
     async def _demote(self, i: int, key: str) -> None:
+        with child_span("kvgate.tier.evict") as span:
+            if span.is_recording():
+                span.set_attributes(key_attrs(key, self._tiers[i].name))
+            await self._demote_traced(i, key, span)
+
+    async def _demote_traced(self, i: int, key: str, span: Span) -> None:
         tier = self._tiers[i]
         self._policies[i].on_remove(key)
         try:
             block = await tier.evict(key)
         except TierError as exc:
             log.warning("tier %s failed evicting a block: %s", tier.name, exc)
+            note_failure(span, exc, what="evict")
             block = None
+        if block is not None and span.is_recording():
+            span.set_attribute(ATTR_BYTES, block.meta.size)
         loc = self._index.get(key)
         if block is None or loc is None:
             if loc is not None and loc.tier == i:
@@ -420,25 +575,33 @@ class Hierarchy:
         if below >= len(self._tiers) or self._expired(loc):
             self._forget(key)
             return
+        if span.is_recording():
+            span.update_name("kvgate.tier.demote")
+            span.set_attribute(ATTR_TARGET, self._tiers[below].name)
         self._moving[key] = Hit(block, tier.name)
         if below == self._persistent and self._spill_slots is not None:
             # Write-behind: the block leaves this tier now (readable from memory while it moves)
             # and the slow durable write runs in the background, so a put making room here does
             # not wait for the disk. Only spill_behind writes at a time: past that, it waits.
             await self._spill_slots.acquire()
-            self._spawn(self._move_down(i, below, key, loc, block, spill=True))
+            if span.is_recording():
+                span.set_attribute(ATTR_OUTCOME, "spilling")  # the span ends before the write
+            self._spawn(self._move_down(i, below, key, loc, block, span=None))
             return
-        await self._move_down(i, below, key, loc, block)
+        await self._move_down(i, below, key, loc, block, span=span)
 
     async def _move_down(
-        self, i: int, below: int, key: str, loc: _Loc, block: Block, *, spill: bool = False
+        self, i: int, below: int, key: str, loc: _Loc, block: Block, *, span: Span | None
     ) -> None:
+        """Store the evicted ``block`` one tier down; ``span`` is None for a write-behind."""
         try:
             outcome = await self._store_at(below, key, block)
         finally:
             del self._moving[key]
-            if spill and self._spill_slots is not None:
+            if span is None and self._spill_slots is not None:
                 self._spill_slots.release()
+        if span is not None and span.is_recording():
+            span.set_attribute(ATTR_OUTCOME, outcome.value)
         if key in self._deleted_while_moving:
             self._deleted_while_moving.discard(key)
             if outcome in (PutOutcome.STORED, PutOutcome.EXISTS):
@@ -455,6 +618,17 @@ class Hierarchy:
         loc = self._index.get(key)
         if loc is None or loc.tier == 0 or key in self._moving:
             return
+        with child_span("kvgate.tier.promote") as span:
+            if span.is_recording():
+                span.set_attributes(key_attrs(key, self._tiers[loc.tier].name))
+                span.set_attribute(ATTR_BYTES, block.meta.size)
+            target = await self._promote_traced(key, block, loc)
+            if span.is_recording():
+                span.set_attribute(ATTR_OUTCOME, "promoted" if target is not None else "stayed")
+                if target is not None:
+                    span.set_attribute(ATTR_TARGET, self._tiers[target].name)
+
+    async def _promote_traced(self, key: str, block: Block, loc: _Loc) -> int | None:
         src = loc.tier
         access = Access(key, block.meta.size, self._clock.time())
         self._moving[key] = Hit(block, self._tiers[src].name)
@@ -473,18 +647,20 @@ class Hierarchy:
             if target is not None:
                 self._policies[target].on_remove(key)
                 await self._tiers[target].delete(key)
-            return
+            return None
         if target is None or self._index.get(key) is not loc:
-            return
+            return None
         loc.tier = target
         self._promotions[src] += 1
         if loc.durable and src == self._persistent:
-            return  # keep the durable copy where it is
+            return target  # keep the durable copy where it is
         self._policies[src].on_remove(key)
         try:
             await self._tiers[src].delete(key)
         except TierError as exc:
             log.warning("tier %s failed dropping a promoted block: %s", self._tiers[src].name, exc)
+            note_failure(trace.get_current_span(), exc, what="delete")
+        return target
 
     async def _prefetch_one(self, key: str) -> None:
         loc = self._index.get(key)

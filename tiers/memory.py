@@ -22,13 +22,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from opentelemetry import trace
+from opentelemetry.trace import Span
 
 from tiers.allocator import PageAllocator, Run
 from tiers.base import Placement, PutOutcome, TierStats
 from tiers.block import Block, BlockMeta
 from tiers.errors import TierClosed, TierConfigError
 from tiers.ledger import CapacityLedger
+from tiers.observe import ATTR_BYTES, ATTR_TIER, child_span
 from tiers.shmseg import SegmentInfo, ShmSegment
+
+ATTR_COPY_DIRECTION = "kvgate.copy.direction"
 
 log = logging.getLogger(__name__)
 
@@ -320,20 +325,47 @@ class ArenaTier:
 
     async def _write(self, arena: torch.Tensor, runs: list[Run], data: bytes | memoryview) -> None:
         if self._view is not None and len(data) <= self._inline_copy_bytes:
+            _note_inline_copy("in")
             _copy_in(self._view, runs, memoryview(data))
             return
-        await asyncio.get_running_loop().run_in_executor(
-            self._executor, _copy_in_tensor, arena, runs, data
-        )
+        # The span lives on the loop, around the awaited executor call: no context crosses threads.
+        with child_span("kvgate.tier.copy") as span:
+            if span.is_recording():
+                self._copy_attrs(span, "in", len(data))
+            await asyncio.get_running_loop().run_in_executor(
+                self._executor, _copy_in_tensor, arena, runs, data
+            )
 
     async def _read(self, entry: _Entry) -> bytes | memoryview:
         size = entry.meta.size
         if self._view is not None and size <= self._inline_copy_bytes:
+            _note_inline_copy("out")
             return _copy_out(self._view, entry.runs)
         arena = self._live()
-        return await asyncio.get_running_loop().run_in_executor(
-            self._executor, _copy_out_tensor, arena, entry.runs, size
+        with child_span("kvgate.tier.copy") as span:
+            if span.is_recording():
+                self._copy_attrs(span, "out", size)
+            return await asyncio.get_running_loop().run_in_executor(
+                self._executor, _copy_out_tensor, arena, entry.runs, size
+            )
+
+    def _copy_attrs(self, span: Span, direction: str, size: int) -> None:
+        span.set_attributes(
+            {
+                ATTR_TIER: self.name,
+                ATTR_BYTES: size,
+                ATTR_COPY_DIRECTION: direction,
+                "kvgate.copy.device": self.device,
+            }
         )
+
+
+def _note_inline_copy(direction: str) -> None:
+    # An inline memcpy of a small block costs about what a span would: it is noted on the
+    # enclosing tier span (get, put or evict) instead of getting one of its own.
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attributes({ATTR_COPY_DIRECTION: direction, "kvgate.copy.inline": True})
 
 
 def _copy_in(view: memoryview, runs: list[Run], src: memoryview) -> None:

@@ -1,0 +1,198 @@
+"""The coherence layer in front of the hierarchy: leases, fencing, waiters, read pins, quotas.
+
+Handlers call :class:`Coherence` for every write and for the reads that wait or pin; plain reads
+go straight to the hierarchy (the hot path pays nothing for coherence). Every key here is already
+scoped to its tenant (``RequestContext.scope``), so tenants never share a lease, a token check, a
+waiter, a pin or a quota. The protocol itself lives in :mod:`coherence`; see
+``docs/coherence.md``.
+
+A write is staged and published atomically: the gateway holds the whole body before it calls
+:meth:`Coherence.put`, the hierarchy stages it in a tier, and the fencing check is repeated at the
+last synchronous point before the block becomes visible (``Hierarchy.put(publish_if=...)``), so a
+writer that lost its lease while its bytes were being stored publishes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import cast
+
+from coherence.errors import LeaseConflict, StaleToken
+from coherence.leases import (
+    Granted,
+    Held,
+    LeaseStats,
+    LeaseTable,
+    MemoryTokenStore,
+    MetaTokenStore,
+    SupportsMetaIncr,
+    TokenStore,
+    WaitOutcome,
+    WritePermit,
+)
+from coherence.pins import PinTable
+from coherence.tenants import Tenant, plan_quota
+from gateway.context import RequestContext
+from gateway.metrics import KvgateMetrics
+from gateway.telemetry import traced_lease_wait
+from tiers.block import Block, split_key
+from tiers.hierarchy import Hierarchy, Hit, StoreOutcome
+
+log = logging.getLogger("kvgate.coherence")
+
+DEFAULT_LEASE_TTL_MS = 10_000
+"""``POST /v1/leases`` without ``ttl_ms``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Exists:
+    """``POST /v1/leases`` on a block that is already stored: read it, nothing to write."""
+
+
+EXISTS = Exists()
+
+
+def token_store_for(hierarchy: object) -> TokenStore:
+    """Fencing epochs persisted in the coldest tier with a durable ``meta_incr`` (the disk tier).
+
+    Without one (a test's memory-only hierarchy) the epochs live in memory, and tokens are
+    monotonic only for the life of the process.
+    """
+    for tier in reversed(list(getattr(hierarchy, "tiers", ()))):
+        if callable(getattr(tier, "meta_incr", None)):
+            return MetaTokenStore(cast(SupportsMetaIncr, tier))
+    log.warning("no tier has a durable meta_incr: fencing tokens restart with the process")
+    return MemoryTokenStore()
+
+
+class Coherence:
+    def __init__(
+        self,
+        hierarchy: Hierarchy,
+        leases: LeaseTable,
+        pins: PinTable,
+        *,
+        metrics: KvgateMetrics | None = None,
+    ) -> None:
+        self.hierarchy = hierarchy
+        self.leases = leases
+        self.pins = pins
+        self.metrics = metrics
+        # A tenant with a quota writes one block at a time: "check usage, shed, store" must not
+        # interleave with another of its writes, or two writes could each fit and both land.
+        self._quota_locks: dict[str, asyncio.Lock] = {}
+
+    # -- writes -------------------------------------------------------------------------------
+
+    async def put(
+        self, ctx: RequestContext, key: str, block: Block, *, token: int | None
+    ) -> StoreOutcome:
+        """Store ``block`` under the scoped ``key`` if the write may happen.
+
+        Raises :class:`LeaseConflict` / :class:`StaleToken` (409) when a lease forbids it,
+        :class:`~coherence.errors.QuotaExceeded` (507) when the block can never fit the tenant's
+        quota. ``NO_ROOM`` also covers a quota the tenant cannot make room in (all pinned).
+        """
+        permit = self.leases.check_write(key, token)
+        if ctx.quota_bytes is None:
+            return await self._store(key, block, permit)
+        lock = self._quota_locks.setdefault(ctx.tenant, asyncio.Lock())
+        async with lock:
+            if not self.hierarchy.contains(key):
+                tenant = Tenant(ctx.tenant, "", ctx.quota_bytes)
+                used = self.hierarchy.tenant_bytes(ctx.tenant)
+                plan = plan_quota(tenant, used_bytes=used, incoming_bytes=block.meta.size)
+                if plan.evict_bytes > 0:
+                    # Only this tenant's own blocks go, coldest tier first.
+                    freed = await self.hierarchy.shed(ctx.tenant, plan.evict_bytes)
+                    if freed < plan.evict_bytes:
+                        return StoreOutcome.NO_ROOM
+            return await self._store(key, block, permit)
+
+    async def _store(self, key: str, block: Block, permit: WritePermit) -> StoreOutcome:
+        current = permit
+
+        def still_admitted() -> bool:
+            # Re-run the fencing rule at the moment of publication: the lease may have expired
+            # or been granted to someone else while the bytes were being stored.
+            nonlocal current
+            try:
+                current = self.leases.check_write(key, permit.token)
+            except (LeaseConflict, StaleToken):
+                return False
+            return True
+
+        outcome = await self.hierarchy.put(key, block, publish_if=still_admitted)
+        if outcome is StoreOutcome.FENCED:
+            self._lease_event("stale", key)
+            self.leases.check_write(key, permit.token)  # raises the reason, as a 409
+            raise StaleToken(f"the write lease on {key!r} was lost before the block was stored")
+        visible = outcome in (StoreOutcome.STORED, StoreOutcome.EXISTS)
+        lease_id, token = current.lease_id, current.token
+        # Wakes the waiters: the block is visible (stored now, or by an earlier writer).
+        committed = (
+            visible
+            and lease_id is not None
+            and token is not None
+            and self.leases.commit(lease_id, token)
+        )
+        if committed:
+            self._lease_event("committed", key)
+        return outcome
+
+    def _lease_event(self, event: str, key: str) -> None:
+        if self.metrics is not None:
+            self.metrics.lease_event(event, tenant=split_key(key)[0])
+
+    # -- leases -------------------------------------------------------------------------------
+
+    async def acquire(self, key: str, ttl_ms: int) -> Granted | Held | Exists:
+        if self.hierarchy.contains(key):
+            return EXISTS
+        answer = await self.leases.acquire(key, ttl_ms)
+        if isinstance(answer, Granted) and self.hierarchy.contains(key):
+            # Stored by an unleased writer while a token epoch was being reserved.
+            self.leases.release(answer.lease_id)
+            return EXISTS
+        self._lease_event("granted" if isinstance(answer, Granted) else "conflict", key)
+        return answer
+
+    # -- reads --------------------------------------------------------------------------------
+
+    async def get(self, key: str, *, wait_ms: int = 0, pin_ms: int | None = None) -> Hit | None:
+        """A read that may wait for an outstanding write lease's commit, and may pin the block."""
+        hit = await self.hierarchy.get(key)
+        if hit is None and wait_ms > 0:
+            # No await between the miss and parking: a commit cannot slip in unseen.
+            waiting = self.leases.wait(key, wait_ms)
+            outcome = await (
+                waiting if self.metrics is None else traced_lease_wait(self.metrics, key, waiting)
+            )
+            if outcome is WaitOutcome.COMMITTED:
+                hit = await self.hierarchy.get(key)
+        if hit is not None and pin_ms is not None:
+            self.pins.pin(key, hit.block.meta.size, ttl_ms=pin_ms)
+        return hit
+
+    def lookup(self, keys: Sequence[str], *, pin_ms: int | None = None) -> tuple[list[str], int]:
+        """Tiers of the longest present prefix, and how many of those blocks were pinned."""
+        tiers = self.hierarchy.lookup(keys)
+        pinned = 0
+        if pin_ms is not None:
+            for key in keys[: len(tiers)]:
+                size = self.hierarchy.size_of(key)
+                if size is not None and self.pins.pin(key, size, ttl_ms=pin_ms) is not None:
+                    pinned += 1
+        return tiers, pinned
+
+    async def delete(self, key: str) -> bool:
+        self.pins.drop(key)
+        return await self.hierarchy.delete(key)
+
+    # -- stats --------------------------------------------------------------------------------
+
+    def lease_stats(self) -> LeaseStats:
+        return self.leases.stats()
