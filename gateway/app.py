@@ -64,6 +64,7 @@ def tier_settings(config: GatewayConfig) -> TierSettings:
         write_through=config.write_through,
         disk_compression_level=config.disk_compression_level,
         shm_dir=Path(config.shm_dir) if config.shm else None,
+        shed_when_disk_behind=config.disk_shed,
     )
 
 

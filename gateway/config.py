@@ -107,6 +107,9 @@ class GatewayConfig:
     remote: str | None = None
     shutdown_timeout_s: float = 10.0
     log_level: str = "INFO"
+    disk_shed: bool = True
+    """When every background demotion to disk is busy, drop the victim instead of making the
+    writer wait (a cache under write overload sheds its coldest blocks, as redis's LRU does)."""
     shm: bool = True
     """Same-host data plane: CPU arenas in shared memory under ``shm_dir`` + /v1/shm/*."""
     shm_dir: str = "/dev/shm"
@@ -135,7 +138,7 @@ _SIZE_FIELDS = frozenset(
 )
 _INT_FIELDS = frozenset({"port", "max_batch_keys", "disk_compression_level", "shm_lease_ms"})
 _FLOAT_FIELDS = frozenset({"shutdown_timeout_s"})
-_BOOL_FIELDS = frozenset({"write_through", "shm"})
+_BOOL_FIELDS = frozenset({"write_through", "shm", "disk_shed"})
 _STR_FIELDS = frozenset(
     {"host", "hbm_policy", "dram_policy", "disk_policy", "log_level", "shm_dir"}
 )

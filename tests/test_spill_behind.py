@@ -86,3 +86,20 @@ async def test_past_spill_behind_a_put_waits_for_a_slot() -> None:
     await h.quiesce()
     assert {h.locate(k) for k in "abc"} == {"slow", "hbm"}
     assert h.locate("c") == "hbm"
+
+
+async def test_with_shedding_a_busy_disk_drops_the_victim_instead_of_waiting() -> None:
+    slow = GatedTier()
+    h = Hierarchy(
+        [ArenaTier("hbm", PAGE, page_bytes=PAGE), slow],
+        config=HierarchyConfig(spill_behind=1, shed_when_disk_behind=True),
+    )
+    await h.put("a", block("a"))
+    await h.put("b", block("b"))  # "a" takes the one slot
+    # "c" needs "b" out while the disk is busy: "b" is dropped and the put does not wait.
+    assert await asyncio.wait_for(h.put("c", block("c")), 1.0) is StoreOutcome.STORED
+    assert h.locate("b") is None
+    assert h.shed_counts() == {"hbm": 1, "slow": 0}
+    slow.gate.set()
+    await h.quiesce()
+    assert h.locate("a") == "slow" and h.locate("c") == "hbm"

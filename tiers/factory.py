@@ -30,6 +30,7 @@ class TierSettings:
     spill_on_close: bool = True
     spill_behind: int = 8
     """Background demotions to disk in flight at once (tiers.hierarchy.HierarchyConfig)."""
+    shed_when_disk_behind: bool = False
     shm_dir: Path | None = None
     """Put the CPU arenas in shared memory there (same-host clients map them); None: private."""
 
@@ -73,6 +74,7 @@ async def build_hierarchy(
             promote_on_hit=settings.promote_on_hit,
             spill_on_close=settings.spill_on_close,
             spill_behind=settings.spill_behind,
+            shed_when_disk_behind=settings.shed_when_disk_behind,
         ),
         clock=clock,
         is_pinned=is_pinned,

@@ -77,6 +77,8 @@ class HierarchyConfig:
     spill_behind: int = 0
     """Demotions into the persistent tier that may run in the background at once (0: none,
     every demotion completes before the store that caused it)."""
+    shed_when_disk_behind: bool = False
+    """With ``spill_behind`` slots all busy: drop the victim (True) or wait for a slot."""
 
 
 @dataclass(slots=True)
@@ -122,6 +124,7 @@ class Hierarchy:
         self.observer = observer
         """Per-operation metrics (:mod:`tiers.observe`); the application may replace it."""
         spill_behind = self._config.spill_behind
+        self._shed = [0] * len(tiers)
         self._spill_slots = asyncio.Semaphore(spill_behind) if spill_behind > 0 else None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -448,6 +451,10 @@ class Hierarchy:
     def demotions(self) -> dict[str, int]:
         return {t.name: n for t, n in zip(self._tiers, self._demotions, strict=True)}
 
+    def shed_counts(self) -> dict[str, int]:
+        """Victims dropped instead of demoted because the disk was behind, per source tier."""
+        return {t.name: n for t, n in zip(self._tiers, self._shed, strict=True)}
+
     def tenant_bytes(self, tenant: str) -> int:
         return self._tenant_bytes.get(tenant, 0)
 
@@ -459,6 +466,19 @@ class Hierarchy:
         return len(self._index)
 
     # -- internals -------------------------------------------------------------------------
+
+    def _shedding(self, i: int, key: str) -> bool:
+        """Whether demoting ``key`` out of tier ``i`` now would wait for a busy disk."""
+        loc = self._index.get(key)
+        return (
+            self._config.shed_when_disk_behind
+            and self._spill_slots is not None
+            and self._spill_slots.locked()
+            and i + 1 == self._persistent
+            and loc is not None
+            and loc.tier == i
+            and not loc.durable
+        )
 
     def _expired(self, loc: _Loc) -> bool:
         return loc.expires_at is not None and self._clock.time() >= loc.expires_at
@@ -546,6 +566,19 @@ class Hierarchy:
 
     async def _demote_traced(self, i: int, key: str, span: Span) -> None:
         tier = self._tiers[i]
+        if self._shedding(i, key):
+            # The disk is behind: drop the coldest block rather than stall the writer (and do
+            # not copy it out of the arena first).
+            self._policies[i].on_remove(key)
+            self._forget(key)
+            self._shed[i] += 1
+            try:
+                await tier.delete(key)
+            except TierError as exc:
+                log.warning("tier %s failed dropping a block: %s", tier.name, exc)
+            if span.is_recording():
+                span.set_attribute(ATTR_OUTCOME, "shed")
+            return
         self._policies[i].on_remove(key)
         try:
             block = await tier.evict(key)
