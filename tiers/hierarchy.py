@@ -19,7 +19,7 @@ import enum
 import logging
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from opentelemetry import trace
 from opentelemetry.trace import Span
@@ -123,6 +123,8 @@ class Hierarchy:
         self._demotions = [0] * len(tiers)
         self.observer = observer
         """Per-operation metrics (:mod:`tiers.observe`); the application may replace it."""
+        # isinstance against a runtime Protocol is slow: decided once, not per read.
+        self._pinnable = [isinstance(t, PinnableTier) for t in self._tiers]
         spill_behind = self._config.spill_behind
         self._shed = [0] * len(tiers)
         self._spill_slots = asyncio.Semaphore(spill_behind) if spill_behind > 0 else None
@@ -248,19 +250,21 @@ class Hierarchy:
         """As :meth:`get`, but a block in a pinnable tier (the arenas) is lent, not copied: its
         storage is not reused until the caller releases it. Other hits come back as copies."""
         loc = self._index.get(key)
-        tier = None if loc is None or key in self._moving else self._tiers[loc.tier]
-        if loc is None or tier is None or not isinstance(tier, PinnableTier) or self._expired(loc):
+        pinnable = loc is not None and self._pinnable[loc.tier] and key not in self._moving
+        if loc is None or not pinnable or self._expired(loc):
             hit = await self.get(key)
             return None if hit is None else PinnedHit(HeldBlock(hit.block), hit.tier)
-        pinned = tier.pin(key)
+        # Known pinnable from the check in __init__ (self._pinnable).
+        name = self._tiers[loc.tier].name
+        pinned = cast(PinnableTier, self._tiers[loc.tier]).pin(key)
         if pinned is None:
             hit = await self.get(key)  # lost under us: get() does the bookkeeping of a miss
             return None if hit is None else PinnedHit(HeldBlock(hit.block), hit.tier)
         idx = loc.tier
         access = Access(key, now=self._clock.time())
         self._index_misses(key, idx)
-        self.observer.tier_get(tier.name, 0.0, True)
-        self.observer.block_read(split_key(key)[0], tier.name)
+        self.observer.tier_get(name, 0.0, True)
+        self.observer.block_read(split_key(key)[0], name)
         for policy in self._policies[:idx]:
             policy.on_miss(access)
         self._policies[idx].on_hit(access)
@@ -270,7 +274,7 @@ class Hierarchy:
                 # The promotion gets its own copy: the reader may release the pages any time.
                 data = views[0].tobytes() if len(views) == 1 else b"".join(views)
                 self._spawn(self._promote(key, Block(data, pinned.meta)))
-        return PinnedHit(pinned, tier.name)
+        return PinnedHit(pinned, name)
 
     # -- writes ----------------------------------------------------------------------------
 
