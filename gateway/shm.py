@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ from tiers.base import PinnedBlock, SharedTier
 from tiers.block import Block
 from tiers.clock import Clock
 from tiers.hierarchy import Hierarchy, StoreOutcome
-from tiers.shmseg import SegmentInfo, ShmSegment
+from tiers.shmseg import SegmentInfo, ShmSegment, sweep_stale
 
 log = logging.getLogger("kvgate.shm")
 
@@ -266,8 +267,16 @@ class ShmExchange:
         return len(expired)
 
     def close(self) -> None:
+        """End every session and unlink the arena files: new clients cannot attach any more,
+        mapped ones keep working until the tiers close. Unlinking first means a gateway killed
+        later in its shutdown (a long spill) leaves nothing behind in /dev/shm."""
         for session in list(self._sessions.values()):
             self.detach(session)
+        for seg in self.arena_segments:
+            if seg.kind == "file":
+                with contextlib.suppress(OSError):
+                    os.unlink(seg.path)
+        self.arena_segments = []
 
     @property
     def active_leases(self) -> int:
@@ -462,6 +471,9 @@ def install(app: web.Application) -> None:
     h = ShmHandlers(state, exchange)
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        removed = sweep_stale(Path(config.shm_dir))
+        if removed:
+            log.info("removed %d shared-memory segments left by dead gateways", removed)
         if state.hierarchy is not None:
             exchange.publish(state.hierarchy)
         sweeper = asyncio.get_running_loop().create_task(_sweep_forever(exchange, config))

@@ -336,3 +336,27 @@ async def test_cuda_ipc_descriptor_round_trip(gateway: RunningGateway) -> None:
         assert gateway.hierarchy.locate("default/gpu") == "hbm"
         assert await kv.get_many(["gpu"]) == [data]
         assert kv.uses_shm
+
+
+async def test_shutdown_unlinks_the_arena_files_before_the_tiers_close(tmp_path: Path) -> None:
+    async with running_gateway(tmp_path) as gw:
+        paths = [s.path for s in gw.app[SHM].arena_segments]
+        assert paths
+        gw.app[SHM].close()  # what the app's teardown does first
+        for path in paths:
+            with pytest.raises(FileNotFoundError):
+                read_runs(path, ())
+
+
+def test_segments_of_dead_gateways_are_swept(tmp_path: Path) -> None:
+    stale = tmp_path / "kvgate-999999999-0123456789abcdef-dram"  # no such pid
+    stale.write_bytes(b"x")
+    live = ShmSegment.create("hbm", 4096, directory=tmp_path)
+    try:
+        from tiers.shmseg import sweep_stale
+
+        assert sweep_stale(tmp_path) == 1
+        assert not stale.exists()
+        assert live.path.exists()
+    finally:
+        live.close()
