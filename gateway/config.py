@@ -107,9 +107,10 @@ class GatewayConfig:
     remote: str | None = None
     shutdown_timeout_s: float = 10.0
     log_level: str = "INFO"
-    disk_shed: bool = True
+    disk_shed: bool = False
     """When every background demotion to disk is busy, drop the victim instead of making the
-    writer wait (a cache under write overload sheds its coldest blocks, as redis's LRU does)."""
+    writer wait. Off by default: a block acknowledged with 201 should reach disk while the disk
+    has room; turn it on to trade that for PUT throughput under sustained write overload."""
     shm: bool = True
     """Same-host data plane: CPU arenas in shared memory under ``shm_dir`` + /v1/shm/*."""
     shm_dir: str = "/dev/shm"

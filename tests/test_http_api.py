@@ -60,6 +60,7 @@ async def test_lookup_reports_each_blocks_tier(
     keys = [f"chain:{i}" for i in range(30)]
     for key in keys:
         await put(gateway, http, key, MiB)
+    await gateway.hierarchy.quiesce()  # moves to disk finish in the background
     async with http.post(f"{gateway.url}/v1/lookup", json={"keys": keys}) as resp:
         body = await resp.json()
     assert body["prefix_hits"] == 30
