@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tiers.policy import DEFAULT_POLICY
+
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
@@ -99,9 +101,9 @@ class GatewayConfig:
     max_batch_bytes: int = 256 * MiB
     max_batch_keys: int = 4096
     page_bytes: int = 64 * KiB
-    hbm_policy: str = "lru"
-    dram_policy: str = "lru"
-    disk_policy: str = "lru"
+    hbm_policy: str = DEFAULT_POLICY
+    dram_policy: str = DEFAULT_POLICY
+    disk_policy: str = DEFAULT_POLICY
     write_through: bool = False
     disk_compression_level: int = 1  # measured best on real bf16 KV (docs/benchmarks.md)
     remote: str | None = None
