@@ -93,3 +93,10 @@ class QuotaExceeded(CoherenceError):
 
     http_status = 507
     code = "quota_exceeded"
+
+
+class LeaseStoreUnavailable(CoherenceError):
+    """The shared lease store (Redis, with ``--remote``) did not answer: try again later."""
+
+    http_status = 503
+    code = "unavailable"

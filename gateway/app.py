@@ -23,6 +23,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from coherence.leases import LeaseTable, TokenStore
 from coherence.pins import PinTable
+from coherence.redis_leases import RedisLeaseTable
 from coherence.sched import Scheduler
 from gateway import shm
 from gateway.coherent import Coherence, token_store_for
@@ -41,6 +42,7 @@ from gateway.telemetry import install as install_telemetry
 from tiers.clock import SYSTEM_CLOCK, Clock
 from tiers.factory import TierSettings, build_hierarchy
 from tiers.hierarchy import Hierarchy
+from tiers.remote import RemoteSettings
 
 log = logging.getLogger("kvgate.gateway")
 
@@ -65,6 +67,14 @@ def tier_settings(config: GatewayConfig) -> TierSettings:
         disk_compression_level=config.disk_compression_level,
         shm_dir=Path(config.shm_dir) if config.shm else None,
         shed_when_disk_behind=config.disk_shed,
+        remote=None
+        if config.remote is None
+        else RemoteSettings(
+            url=config.remote,
+            capacity_bytes=config.remote_bytes,
+            prefix=config.remote_prefix,
+            level=config.disk_compression_level,
+        ),
     )
 
 
@@ -159,11 +169,21 @@ def create_app(
 
     async def coherence_ctx(app: web.Application) -> AsyncIterator[None]:
         hierarchy = state.store
-        leases = LeaseTable(
-            token_store or token_store_for(hierarchy), clock=clock, scheduler=scheduler
-        )
+        leases: LeaseTable | RedisLeaseTable
+        if hierarchy.shared is not None:
+            # Several gateways, one cache: one writer per key across all of them.
+            leases = RedisLeaseTable(
+                hierarchy.shared.client,
+                prefix=hierarchy.shared.prefix,
+                clock=clock,
+                scheduler=scheduler,
+            )
+        else:
+            leases = LeaseTable(
+                token_store or token_store_for(hierarchy), clock=clock, scheduler=scheduler
+            )
         # Reserves a fresh fencing epoch (a durable increment): every token of a previous run
-        # is older than any this run hands out.
+        # is older than any this run hands out. The Redis table subscribes to lease events.
         await leases.open()
         telemetry.metrics.bind_leases(leases.stats)
         state.coherence = Coherence(hierarchy, leases, state.pins, metrics=telemetry.metrics)
@@ -172,12 +192,14 @@ def create_app(
         finally:
             state.coherence = None
             leases.stop_waiting()
+            if isinstance(leases, RedisLeaseTable):
+                await leases.close()
 
     async def wake_waiters(app: web.Application) -> None:
         # Graceful shutdown waits for in-flight requests: parked GETs answer now, not after
         # their wait_ms.
         if state.coherence is not None:
-            state.coherence.leases.stop_waiting()
+            state.coherence.stop_waiting()
 
     app.cleanup_ctx.append(tiers_ctx)
     app.cleanup_ctx.append(coherence_ctx)

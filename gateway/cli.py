@@ -37,6 +37,8 @@ _FLAG_FIELDS = (
     "shutdown_timeout_s",
     "log_level",
     "remote",
+    "remote_bytes",
+    "remote_prefix",
 )
 
 
@@ -79,7 +81,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--shutdown-timeout-s", metavar="S", help="graceful shutdown budget")
     serve.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING, ...")
     serve.add_argument(
-        "--remote", metavar="URL", help="redis://HOST:PORT shared tier (not yet supported)"
+        "--remote",
+        metavar="URL",
+        help="redis://HOST:PORT: add the shared remote tier and keep the leases in that Redis, "
+        "so several gateways act as one cache",
+    )
+    serve.add_argument("--remote-bytes", metavar="N", help="shared remote tier budget (4GiB)")
+    serve.add_argument(
+        "--remote-prefix", metavar="P", help="Redis key prefix; one cache per prefix (kvgate)"
     )
     sub.add_parser(
         "replay",
@@ -111,8 +120,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(config_file=args.config, environ=os.environ, flags=flags)
     except ConfigError as exc:
         return _fail(f"bad configuration: {exc}")
-    if config.remote is not None:
-        return _fail("--remote (the shared Redis tier) is not yet supported in this build")
     return _serve(config)
 
 

@@ -34,6 +34,7 @@ from coherence.leases import (
     WritePermit,
 )
 from coherence.pins import PinTable
+from coherence.redis_leases import RedisLeaseTable
 from coherence.tenants import Tenant, plan_quota
 from gateway.context import RequestContext
 from gateway.metrics import KvgateMetrics
@@ -72,18 +73,22 @@ class Coherence:
     def __init__(
         self,
         hierarchy: Hierarchy,
-        leases: LeaseTable,
+        leases: LeaseTable | RedisLeaseTable,
         pins: PinTable,
         *,
         metrics: KvgateMetrics | None = None,
     ) -> None:
         self.hierarchy = hierarchy
         self.leases = leases
+        """In-process, or shared through Redis by every gateway of a ``--remote`` cache."""
         self.pins = pins
         self.metrics = metrics
         # A tenant with a quota writes one block at a time: "check usage, shed, store" must not
         # interleave with another of its writes, or two writes could each fit and both land.
         self._quota_locks: dict[str, asyncio.Lock] = {}
+        self._drops: set[asyncio.Task[bool]] = set()
+        if isinstance(leases, RedisLeaseTable):
+            leases.on_delete = self._drop_local
 
     # -- writes -------------------------------------------------------------------------------
 
@@ -96,7 +101,7 @@ class Coherence:
         :class:`~coherence.errors.QuotaExceeded` (507) when the block can never fit the tenant's
         quota. ``NO_ROOM`` also covers a quota the tenant cannot make room in (all pinned).
         """
-        permit = self.leases.check_write(key, token)
+        permit = await self.check_write(key, token)
         if ctx.quota_bytes is None:
             return await self._store(key, block, permit)
         lock = self._quota_locks.setdefault(ctx.tenant, asyncio.Lock())
@@ -112,7 +117,17 @@ class Coherence:
                         return StoreOutcome.NO_ROOM
             return await self._store(key, block, permit)
 
+    async def check_write(self, key: str, token: int | None) -> WritePermit:
+        """May a PUT of ``key`` with ``token`` happen now? 409 (raises) when a lease forbids it."""
+        leases = self.leases
+        if isinstance(leases, RedisLeaseTable):
+            return await leases.check_write(key, token)
+        return leases.check_write(key, token)
+
     async def _store(self, key: str, block: Block, permit: WritePermit) -> StoreOutcome:
+        if isinstance(self.leases, RedisLeaseTable):
+            return await self._store_shared(self.leases, key, block, permit)
+        leases = self.leases
         current = permit
 
         def still_admitted() -> bool:
@@ -120,7 +135,7 @@ class Coherence:
             # or been granted to someone else while the bytes were being stored.
             nonlocal current
             try:
-                current = self.leases.check_write(key, permit.token)
+                current = leases.check_write(key, permit.token)
             except (LeaseConflict, StaleToken):
                 return False
             return True
@@ -128,7 +143,7 @@ class Coherence:
         outcome = await self.hierarchy.put(key, block, publish_if=still_admitted)
         if outcome is StoreOutcome.FENCED:
             self._lease_event("stale", key)
-            self.leases.check_write(key, permit.token)  # raises the reason, as a 409
+            leases.check_write(key, permit.token)  # raises the reason, as a 409
             raise StaleToken(f"the write lease on {key!r} was lost before the block was stored")
         visible = outcome in (StoreOutcome.STORED, StoreOutcome.EXISTS)
         lease_id, token = current.lease_id, current.token
@@ -137,7 +152,30 @@ class Coherence:
             visible
             and lease_id is not None
             and token is not None
-            and self.leases.commit(lease_id, token)
+            and leases.commit(lease_id, token)
+        )
+        if committed:
+            self._lease_event("committed", key)
+        return outcome
+
+    async def _store_shared(
+        self, leases: RedisLeaseTable, key: str, block: Block, permit: WritePermit
+    ) -> StoreOutcome:
+        # The fence is checked by the remote tier in the same Redis script that publishes the
+        # block: no gateway can grant the key to a newer writer in between.
+        outcome = await self.hierarchy.put(key, block, fence=leases.fence_for(permit))
+        if outcome is StoreOutcome.FENCED:
+            self._lease_event("stale", key)
+            await leases.check_write(key, permit.token)  # raises the reason, as a 409
+            raise StaleToken(f"the write lease on {key!r} was lost before the block was stored")
+        visible = outcome in (StoreOutcome.STORED, StoreOutcome.EXISTS)
+        lease_id, token = permit.lease_id, permit.token
+        # Wakes the waiters on every gateway: the block is visible.
+        committed = (
+            visible
+            and lease_id is not None
+            and token is not None
+            and await leases.commit(lease_id, token, key=key)
         )
         if committed:
             self._lease_event("committed", key)
@@ -150,15 +188,34 @@ class Coherence:
     # -- leases -------------------------------------------------------------------------------
 
     async def acquire(self, key: str, ttl_ms: int) -> Granted | Held | Exists:
-        if self.hierarchy.contains(key):
+        if await self._present(key):
             return EXISTS
         answer = await self.leases.acquire(key, ttl_ms)
-        if isinstance(answer, Granted) and self.hierarchy.contains(key):
+        if isinstance(answer, Granted) and await self._present(key):
             # Stored by an unleased writer while a token epoch was being reserved.
-            self.leases.release(answer.lease_id)
+            await self.release(answer.lease_id)
             return EXISTS
         self._lease_event("granted" if isinstance(answer, Granted) else "conflict", key)
         return answer
+
+    async def renew(
+        self, lease_id: str, ttl_ms: int | None = None, *, tenant: str | None = None
+    ) -> int:
+        leases = self.leases
+        if isinstance(leases, RedisLeaseTable):
+            return await leases.renew(lease_id, ttl_ms, tenant=tenant)
+        return leases.renew(lease_id, ttl_ms, tenant=tenant)
+
+    async def release(self, lease_id: str, *, tenant: str | None = None) -> bool:
+        leases = self.leases
+        if isinstance(leases, RedisLeaseTable):
+            return await leases.release(lease_id, tenant=tenant)
+        return leases.release(lease_id, tenant=tenant)
+
+    async def _present(self, key: str) -> bool:
+        if self.hierarchy.contains(key):
+            return True
+        return self.hierarchy.shared is not None and bool(await self.hierarchy.lookup_shared([key]))
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -171,15 +228,23 @@ class Coherence:
             outcome = await (
                 waiting if self.metrics is None else traced_lease_wait(self.metrics, key, waiting)
             )
-            if outcome is WaitOutcome.COMMITTED:
+            # Shared leases: awaits came between the miss and parking, so a block committed
+            # meanwhile shows up as NO_LEASE; read again either way.
+            again = outcome is WaitOutcome.COMMITTED or (
+                outcome is WaitOutcome.NO_LEASE and isinstance(self.leases, RedisLeaseTable)
+            )
+            if again:
                 hit = await self.hierarchy.get(key)
         if hit is not None and pin_ms is not None:
             self.pins.pin(key, hit.block.meta.size, ttl_ms=pin_ms)
         return hit
 
-    def lookup(self, keys: Sequence[str], *, pin_ms: int | None = None) -> tuple[list[str], int]:
-        """Tiers of the longest present prefix, and how many of those blocks were pinned."""
-        tiers = self.hierarchy.lookup(keys)
+    async def lookup(
+        self, keys: Sequence[str], *, pin_ms: int | None = None
+    ) -> tuple[list[str], int]:
+        """Tiers of the longest present prefix, and how many of those blocks were pinned (local
+        blocks only: a block only the shared remote tier holds is not this gateway's to pin)."""
+        tiers = await self.hierarchy.lookup_shared(keys)
         pinned = 0
         if pin_ms is not None:
             for key in keys[: len(tiers)]:
@@ -190,9 +255,22 @@ class Coherence:
 
     async def delete(self, key: str) -> bool:
         self.pins.drop(key)
-        return await self.hierarchy.delete(key)
+        removed = await self.hierarchy.delete(key)
+        if removed and isinstance(self.leases, RedisLeaseTable):
+            await self.leases.announce_delete(key)
+        return removed
+
+    def _drop_local(self, key: str) -> None:
+        """Another gateway deleted ``key``: drop this gateway's copy too."""
+        self.pins.drop(key)
+        task = asyncio.get_running_loop().create_task(self.hierarchy.delete(key, local_only=True))
+        self._drops.add(task)
+        task.add_done_callback(self._drops.discard)
 
     # -- stats --------------------------------------------------------------------------------
 
     def lease_stats(self) -> LeaseStats:
         return self.leases.stats()
+
+    def stop_waiting(self) -> int:
+        return self.leases.stop_waiting()

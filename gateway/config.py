@@ -107,6 +107,11 @@ class GatewayConfig:
     write_through: bool = False
     disk_compression_level: int = 1  # measured best on real bf16 KV (docs/benchmarks.md)
     remote: str | None = None
+    """``redis://HOST:PORT``: the shared remote tier, and the leases, in that Redis."""
+    remote_bytes: int = 4 * GiB
+    """The shared remote tier's budget (frame bytes), one for all gateways sharing it."""
+    remote_prefix: str = "kvgate"
+    """Prefix of every Redis key: gateways with the same prefix are one cache."""
     shutdown_timeout_s: float = 10.0
     log_level: str = "INFO"
     disk_shed: bool = False
@@ -137,13 +142,14 @@ _SIZE_FIELDS = frozenset(
         "max_batch_bytes",
         "page_bytes",
         "shm_staging_bytes",
+        "remote_bytes",
     }
 )
 _INT_FIELDS = frozenset({"port", "max_batch_keys", "disk_compression_level", "shm_lease_ms"})
 _FLOAT_FIELDS = frozenset({"shutdown_timeout_s"})
 _BOOL_FIELDS = frozenset({"write_through", "shm", "disk_shed"})
 _STR_FIELDS = frozenset(
-    {"host", "hbm_policy", "dram_policy", "disk_policy", "log_level", "shm_dir"}
+    {"host", "hbm_policy", "dram_policy", "disk_policy", "log_level", "shm_dir", "remote_prefix"}
 )
 SETTABLE_FIELDS: tuple[str, ...] = tuple(
     f.name for f in dataclasses.fields(GatewayConfig) if f.name != "tenants"
@@ -183,8 +189,10 @@ def _coerce(name: str, value: object) -> object:
             return Path(value)
         raise ConfigError(f"data_dir: expected a directory path, got {value!r}")
     if name == "remote":
-        if value is None or (isinstance(value, str) and value.strip()):
+        if value is None:
             return value
+        if isinstance(value, str) and re.fullmatch(r"(redis|rediss|unix)://\S+", value.strip()):
+            return value.strip()
         raise ConfigError(f"remote: expected a redis://HOST:PORT URL, got {value!r}")
     if name in _STR_FIELDS:
         if isinstance(value, str) and value.strip():

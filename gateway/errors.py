@@ -17,7 +17,12 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
-from coherence.errors import CoherenceError, LeaseConflict, QuotaExceeded
+from coherence.errors import (
+    CoherenceError,
+    LeaseConflict,
+    LeaseStoreUnavailable,
+    QuotaExceeded,
+)
 from tiers.errors import BlockTooLarge, CorruptBlock, TierClosed, TierIOError
 
 # --------------------------------------------------------------------------- server side
@@ -154,7 +159,7 @@ def http_error_for(exc: BaseException) -> GatewayError | None:
     if isinstance(exc, GatewayError):
         return exc
     if isinstance(exc, CoherenceError):
-        if exc.http_status >= 500 and not isinstance(exc, QuotaExceeded):
+        if exc.http_status >= 500 and not isinstance(exc, QuotaExceeded | LeaseStoreUnavailable):
             return None  # misuse inside coherence: a bug, logged and answered 500
         headers: dict[str, str] = {}
         if exc.http_status == 401:

@@ -320,7 +320,7 @@ class Handlers:
         coherent = state.coherent
         scoped = ctx.scope(key)
         # Refuse a fenced-off writer before reading a body that could never be stored.
-        coherent.leases.check_write(scoped, token)
+        await coherent.check_write(scoped, token)
         # The whole body is staged in memory first: a writer that dies mid-upload leaves nothing.
         data = await read_body(request, limit)
         expires_at = None if ttl is None else state.clock.time() + ttl
@@ -368,9 +368,9 @@ class Handlers:
         pin_ms = parse_pin_ms(payload.get("pin_ms"), where="lookup")
         scoped = [ctx.scope(k) for k in keys]
         if pin_ms is None:
-            tiers = self._state.store.lookup(scoped)
+            tiers = await self._state.store.lookup_shared(scoped)
             return json_response({"prefix_hits": len(tiers), "tiers": tiers})
-        tiers, pinned = self._state.coherent.lookup(scoped, pin_ms=pin_ms)
+        tiers, pinned = await self._state.coherent.lookup(scoped, pin_ms=pin_ms)
         return json_response({"prefix_hits": len(tiers), "tiers": tiers, "pinned": pinned})
 
     async def prefetch(self, request: web.Request) -> web.Response:
@@ -484,13 +484,13 @@ class Handlers:
                 if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
                     raise BadJSON('"ttl_ms" must be a positive integer')
                 ttl_ms = raw
-        leases = self._state.coherent.leases
-        expires_at_ms = leases.renew(lease_id, ttl_ms, tenant=ctx.tenant)
+        coherent = self._state.coherent
+        expires_at_ms = await coherent.renew(lease_id, ttl_ms, tenant=ctx.tenant)
         return json_response({"expires_at_ms": expires_at_ms})
 
     async def release_lease(self, request: web.Request) -> web.Response:
         ctx = await self._state.resolve(request)
-        self._state.coherent.leases.release(lease_id_of(request), tenant=ctx.tenant)
+        await self._state.coherent.release(lease_id_of(request), tenant=ctx.tenant)
         return web.Response(status=204)
 
     # ------------------------------------------------------------------ service
@@ -498,6 +498,7 @@ class Handlers:
     async def stats(self, request: web.Request) -> web.Response:
         ctx = await self._state.resolve(request)
         store = self._state.store
+        await store.refresh_shared()
         coherent = self._state.coherent
         leases = coherent.lease_stats()
         return json_response(

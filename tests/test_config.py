@@ -146,9 +146,21 @@ def test_cli_bad_config_exits_2_without_traceback(capsys: pytest.CaptureFixture[
     assert "hbm_bytes" in err and "Traceback" not in err
 
 
-def test_cli_remote_is_not_yet_supported(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["serve", "--remote", "redis://127.0.0.1:6379"]) == 2
-    assert "not yet supported" in capsys.readouterr().err
+def test_cli_remote_unreachable_fails_startup_cleanly(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from loadtest.procs import free_port
+
+    url = f"redis://127.0.0.1:{free_port()}"  # nothing listens there
+    argv = ["serve", "--remote", url, "--port", "0", "--data-dir", str(tmp_path), "--no-shm"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "cannot reach the remote tier" in err and "Traceback" not in err
+
+
+def test_cli_remote_must_be_a_redis_url(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--remote", "http://example"]) == 2
+    assert "remote" in capsys.readouterr().err
 
 
 def test_cli_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:

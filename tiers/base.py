@@ -22,6 +22,7 @@ class PutOutcome(enum.Enum):
     NO_ROOM = "no_room"  # the budget is full right now: evict and retry, or go elsewhere
     TOO_LARGE = "too_large"  # could never fit this tier, whatever is evicted
     REJECTED = "rejected"  # the admission policy declined it
+    FENCED = "fenced"  # a shared tier's fence (a newer writer's lease) refused it: nothing stored
 
 
 @dataclass(frozen=True, slots=True)

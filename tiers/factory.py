@@ -12,6 +12,7 @@ from tiers.clock import SYSTEM_CLOCK, Clock
 from tiers.hierarchy import Hierarchy, HierarchyConfig
 from tiers.memory import DEFAULT_PAGE_BYTES, ArenaTier
 from tiers.policy import make_policy
+from tiers.remote import RemoteSettings, RemoteTier
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +34,8 @@ class TierSettings:
     shed_when_disk_behind: bool = False
     shm_dir: Path | None = None
     """Put the CPU arenas in shared memory there (same-host clients map them); None: private."""
+    remote: RemoteSettings | None = None
+    """The shared remote tier (Redis) below the local ones; None: this gateway alone."""
 
 
 async def build_hierarchy(
@@ -46,6 +49,12 @@ async def build_hierarchy(
     from tiers.disk import DiskTier  # lazy: keeps LMDB out of arena-only imports
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # First: an unreachable Redis fails startup before any local file is opened.
+    shared = (
+        None
+        if settings.remote is None
+        else await RemoteTier.connect(settings.remote, clock=clock, executor=executor)
+    )
     disk = await DiskTier.open(
         settings.data_dir / "blocks.lmdb",
         capacity_bytes=settings.disk_bytes,
@@ -78,6 +87,7 @@ async def build_hierarchy(
         ),
         clock=clock,
         is_pinned=is_pinned,
+        shared=shared,
     )
     await hierarchy.open()
     return hierarchy

@@ -43,6 +43,7 @@ from tiers.observe import (
     tracer,
 )
 from tiers.policy import Access, EvictionPolicy, make_policy
+from tiers.remote import REMOTE_TIER, Fence, RemoteTier
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ class Hierarchy:
         clock: Clock = SYSTEM_CLOCK,
         is_pinned: Callable[[str], bool] | None = None,
         observer: TierObserver = NULL_OBSERVER,
+        shared: RemoteTier | None = None,
     ) -> None:
         if not tiers:
             raise TierConfigError("a hierarchy needs at least one tier")
@@ -116,6 +118,8 @@ class Hierarchy:
         self._storing: dict[str, asyncio.Future[StoreOutcome]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._tenant_bytes: dict[str, int] = {}
+        self._shared = shared
+        """Below every local tier: written through on put, read on a local miss (``--remote``)."""
         self._persistent = next(
             (i for i in range(len(self._tiers) - 1, -1, -1) if not self._tiers[i].volatile), None
         )
@@ -139,6 +143,10 @@ class Hierarchy:
     def policies(self) -> list[EvictionPolicy]:
         return list(self._policies)
 
+    @property
+    def shared(self) -> RemoteTier | None:
+        return self._shared
+
     async def open(self) -> None:
         """Index what the persistent tiers already hold (a restart comes back warm)."""
         for i, tier in enumerate(self._tiers):
@@ -159,6 +167,8 @@ class Hierarchy:
                 log.info("spilled %d volatile blocks to the persistent tier", spilled)
         for tier in self._tiers:
             await tier.close()
+        if self._shared is not None:
+            await self._shared.close()
 
     async def quiesce(self) -> None:
         """Wait until background promotions and prefetches are done."""
@@ -189,6 +199,28 @@ class Hierarchy:
             found.append(tier)
         return found
 
+    async def lookup_shared(self, keys: Sequence[str]) -> list[str]:
+        """As :meth:`lookup`, counting blocks only the shared remote tier holds (``remote``)."""
+        found = self.lookup(keys)
+        if self._shared is None or len(found) == len(keys):
+            return found
+        rest = keys[len(found) :]
+        try:
+            present = await self._shared.present(rest)
+        except TierError as exc:
+            log.warning("remote tier failed a lookup; answering from the local tiers: %s", exc)
+            note_failure(trace.get_current_span(), exc, what="lookup")
+            return found
+        for key, remote in zip(rest, present, strict=True):
+            local = self.locate(key)
+            if local is not None:
+                found.append(local)
+            elif remote:
+                found.append(REMOTE_TIER)
+            else:
+                break
+        return found
+
     async def get(self, key: str, *, hint: Access | None = None) -> Hit | None:
         access = hint or Access(key, now=self._clock.time())
         tenant = split_key(key)[0]
@@ -204,8 +236,9 @@ class Hierarchy:
             for policy in self._policies:
                 policy.on_miss(access)
             self._index_misses(key, len(self._tiers))
-            self.observer.block_read(tenant, None)
-            return None
+            hit = None if self._shared is None else await self._get_shared(key)
+            self.observer.block_read(tenant, None if hit is None else hit.tier)
+            return hit
         if self._expired(loc):
             await self.delete(key)
             self._index_misses(key, len(self._tiers))
@@ -279,7 +312,13 @@ class Hierarchy:
     # -- writes ----------------------------------------------------------------------------
 
     async def put(
-        self, key: str, block: Block, *, publish_if: Callable[[], bool] | None = None
+        self,
+        key: str,
+        block: Block,
+        *,
+        publish_if: Callable[[], bool] | None = None,
+        fence: Fence | None = None,
+        local_only: bool = False,
     ) -> StoreOutcome:
         """Store ``block`` under ``key`` unless present (first writer wins).
 
@@ -287,6 +326,12 @@ class Hierarchy:
         (after it is staged in a tier, before it is indexed): ``False`` unstages it and answers
         ``FENCED``, so a writer that lost its lease while its bytes were being stored never
         publishes them.
+
+        With a shared remote tier the block is written through to it first, under ``fence``
+        (checked atomically with the remote publication: the cross-gateway form of
+        ``publish_if``). A block another gateway already stored answers ``EXISTS``; a remote
+        tier that fails leaves the block local only. ``local_only`` skips the remote write
+        (a block that came from there).
         """
         while True:
             # A key deleted while it moves between tiers is gone for readers, but cannot be
@@ -304,7 +349,10 @@ class Hierarchy:
         future: asyncio.Future[StoreOutcome] = asyncio.get_running_loop().create_future()
         self._storing[key] = future
         try:
-            outcome = await self._put_new(key, block, publish_if)
+            if self._shared is None or local_only:
+                outcome = await self._put_new(key, block, publish_if)
+            else:
+                outcome = await self._put_shared(self._shared, key, block, publish_if, fence)
             future.set_result(outcome)
             return outcome
         except BaseException as exc:
@@ -313,6 +361,66 @@ class Hierarchy:
             raise
         finally:
             del self._storing[key]
+
+    async def _put_shared(
+        self,
+        shared: RemoteTier,
+        key: str,
+        block: Block,
+        publish_if: Callable[[], bool] | None,
+        fence: Fence | None,
+    ) -> StoreOutcome:
+        with child_span("kvgate.tier.put") as span:
+            if span.is_recording():
+                span.set_attributes(key_attrs(key, shared.name))
+                span.set_attribute(ATTR_BYTES, block.meta.size)
+            started = self._clock.monotonic()
+            try:
+                remote: PutOutcome | None = await shared.put(key, block, fence=fence)
+            except TierError as exc:
+                log.warning("remote tier failed storing a block; keeping it local: %s", exc)
+                note_failure(span, exc, what="put")
+                remote = None
+            label = "failed" if remote is None else remote.value
+            self.observer.tier_put(shared.name, self._clock.monotonic() - started, label)
+            if span.is_recording():
+                span.set_attribute(ATTR_OUTCOME, label)
+        if remote is PutOutcome.FENCED:
+            return StoreOutcome.FENCED
+        if remote is PutOutcome.EXISTS:
+            return StoreOutcome.EXISTS  # another gateway's copy; it comes here on a read
+        local = await self._put_new(key, block, publish_if)
+        if remote is PutOutcome.STORED and local in (StoreOutcome.NO_ROOM, StoreOutcome.TOO_LARGE):
+            return StoreOutcome.STORED  # stored where every gateway finds it
+        return local
+
+    async def _get_shared(self, key: str) -> Hit | None:
+        shared = self._shared
+        assert shared is not None
+        with child_span("kvgate.tier.get") as span:
+            if span.is_recording():
+                span.set_attributes(key_attrs(key, shared.name))
+            started = self._clock.monotonic()
+            try:
+                block = await shared.get(key)
+            except TierError as exc:
+                log.warning("remote tier failed reading a block; answering a miss: %s", exc)
+                note_failure(span, exc, what="get")
+                block = None
+            self.observer.tier_get(
+                shared.name, self._clock.monotonic() - started, block is not None
+            )
+            if span.is_recording():
+                span.set_attribute(ATTR_HIT, block is not None)
+        if block is None:
+            return None
+        if self._config.promote_on_hit:
+            self._spawn(self._admit_shared(key, block))
+        return Hit(block, shared.name)
+
+    async def _admit_shared(self, key: str, block: Block) -> None:
+        """Keep a copy of a remote hit in the local tiers: the next read is local."""
+        await self.put(key, block, local_only=True)
 
     async def _put_new(
         self, key: str, block: Block, publish_if: Callable[[], bool] | None
@@ -355,12 +463,20 @@ class Hierarchy:
                 return StoreOutcome.STORED
         return StoreOutcome.STORED if durable else StoreOutcome.NO_ROOM
 
-    async def delete(self, key: str) -> bool:
+    async def delete(self, key: str, *, local_only: bool = False) -> bool:
+        """Remove ``key`` from every tier (the shared remote one too, unless ``local_only``)."""
         if key in self._moving:
             self._deleted_while_moving.add(key)
+        remote = False
+        if self._shared is not None and not local_only:
+            try:
+                remote = await self._shared.delete(key)
+            except TierError as exc:
+                log.warning("remote tier failed deleting a block: %s", exc)
+                note_failure(trace.get_current_span(), exc, what="delete")
         loc = self._index.get(key)
         if loc is None:
-            return key in self._moving
+            return remote or key in self._moving
         self._forget(key)
         removed = False
         for i, tier in enumerate(self._tiers):
@@ -414,6 +530,10 @@ class Hierarchy:
         scheduled = 0
         for key in keys:
             loc = self._index.get(key)
+            if loc is None and self._shared is not None and key not in self._moving:
+                self._spawn(self._prefetch_shared(key))
+                scheduled += 1
+                continue
             if loc is None or loc.tier == 0 or key in self._moving:
                 continue
             self._spawn(self._prefetch_one(key))
@@ -447,7 +567,18 @@ class Hierarchy:
     # -- stats -----------------------------------------------------------------------------
 
     def stats(self) -> list[TierStats]:
-        return [tier.stats() for tier in self._tiers]
+        """Hottest first; the shared remote tier last, with its totals as last refreshed."""
+        local = [tier.stats() for tier in self._tiers]
+        return local if self._shared is None else [*local, self._shared.stats()]
+
+    async def refresh_shared(self) -> None:
+        """Re-read the shared remote tier's totals (bytes, blocks) for :meth:`stats`."""
+        if self._shared is None:
+            return
+        try:
+            await self._shared.refresh()
+        except TierError as exc:
+            log.warning("remote tier failed its stats; showing the last ones: %s", exc)
 
     def promotions(self) -> dict[str, int]:
         return {t.name: n for t, n in zip(self._tiers, self._promotions, strict=True)}
@@ -698,6 +829,16 @@ class Hierarchy:
             log.warning("tier %s failed dropping a promoted block: %s", self._tiers[src].name, exc)
             note_failure(trace.get_current_span(), exc, what="delete")
         return target
+
+    async def _prefetch_shared(self, key: str) -> None:
+        if self._shared is None or self.contains(key):
+            return
+        try:
+            block = await self._shared.get(key)
+        except TierError:
+            block = None
+        if block is not None:
+            await self.put(key, block, local_only=True)
 
     async def _prefetch_one(self, key: str) -> None:
         loc = self._index.get(key)

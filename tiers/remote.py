@@ -1,0 +1,341 @@
+"""The shared remote tier: one Redis that several gateways use as one cache.
+
+Every gateway started with ``--remote redis://...`` writes each new block through to this tier
+and reads it on a local miss, so a block stored through any gateway is served by all of them.
+Blocks are stored as the same checked frames as on disk (:mod:`tiers.frame`: xxh3-128,
+zstd with byte-grouping), so a corrupt or truncated value is a miss, never wrong bytes.
+
+The budget and the eviction order live in Redis, not in any one gateway: a shared tier's
+recency is the recency of all its readers. Each operation is one Lua script, so "check the
+budget, evict the least recently used, store" is atomic across gateways:
+
+* ``{prefix}:blk:{key}`` -- a block's frame;
+* ``{prefix}:lru`` -- sorted set of keys scored by a shared access counter (the LRU order);
+* ``{prefix}:meta`` -- hash of ``bytes``, ``blocks``, ``evictions`` and the counter ``seq``.
+
+A put can carry a :class:`Fence`, checked in the same atomic step that publishes the block;
+the coherence layer uses it to make fencing tokens hold across gateways. Victim keys are
+derived inside the scripts, so the tier needs one Redis instance (not Redis Cluster).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from tiers.base import PutOutcome, TierStats
+from tiers.block import Block
+from tiers.clock import SYSTEM_CLOCK, Clock
+from tiers.errors import CorruptBlock, TierConfigError, TierIOError
+from tiers.frame import DEFAULT_LEVEL, decode_frame, encode_frame
+
+log = logging.getLogger(__name__)
+
+_A = TypeVar("_A")
+_R = TypeVar("_R")
+
+REMOTE_TIER = "remote"
+DEFAULT_PREFIX = "kvgate"
+_INLINE_CODEC_BYTES = 64 * 1024
+"""Frames smaller than this are encoded and decoded on the loop: an executor hop costs more."""
+
+# KEYS: block, lru, meta, fence record (the block key again when there is no fence)
+# ARGV: frame, fence mode ("" | "free" | "token"), token, now_ms, capacity, member, block prefix
+_PUT = """
+local mode = ARGV[2]
+if mode ~= '' then
+  local rec = redis.call('HMGET', KEYS[4], 'token', 'live', 'deadline_ms')
+  if mode == 'free' then
+    if rec[2] == '1' and tonumber(rec[3] or '0') > tonumber(ARGV[4]) then return {'fenced', 0} end
+  elseif rec[1] ~= ARGV[3] then
+    return {'fenced', 0}
+  end
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('ZADD', KEYS[2], redis.call('HINCRBY', KEYS[3], 'seq', 1), ARGV[6])
+  return {'exists', 0}
+end
+local size = string.len(ARGV[1])
+local cap = tonumber(ARGV[5])
+if size > cap then return {'too_large', 0} end
+local used = tonumber(redis.call('HGET', KEYS[3], 'bytes') or '0')
+local evicted = 0
+while used + size > cap do
+  local oldest = redis.call('ZRANGE', KEYS[2], 0, 0)
+  if #oldest == 0 then break end
+  local victim = ARGV[7] .. oldest[1]
+  local vlen = redis.call('STRLEN', victim)
+  redis.call('ZREM', KEYS[2], oldest[1])
+  if redis.call('DEL', victim) == 1 then
+    used = used - vlen
+    evicted = evicted + 1
+    redis.call('HINCRBY', KEYS[3], 'blocks', -1)
+  end
+end
+if used + size > cap then
+  redis.call('HSET', KEYS[3], 'bytes', used)
+  return {'no_room', evicted}
+end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[2], redis.call('HINCRBY', KEYS[3], 'seq', 1), ARGV[6])
+redis.call('HSET', KEYS[3], 'bytes', used + size)
+redis.call('HINCRBY', KEYS[3], 'blocks', 1)
+if evicted > 0 then redis.call('HINCRBY', KEYS[3], 'evictions', evicted) end
+return {'stored', evicted}
+"""
+
+# KEYS: block, lru, meta; ARGV: member. A read is an access: it refreshes the shared LRU order.
+_GET = """
+local value = redis.call('GET', KEYS[1])
+if value then
+  redis.call('ZADD', KEYS[2], redis.call('HINCRBY', KEYS[3], 'seq', 1), ARGV[1])
+end
+return value
+"""
+
+# KEYS: block, lru, meta; ARGV: member
+_DELETE = """
+local size = redis.call('STRLEN', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+if redis.call('DEL', KEYS[1]) == 1 then
+  redis.call('HINCRBY', KEYS[3], 'bytes', -size)
+  redis.call('HINCRBY', KEYS[3], 'blocks', -1)
+  return 1
+end
+return 0
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """A condition a put must meet in the same atomic step that publishes its block.
+
+    ``record`` names a Redis hash with the fields ``token`` (decimal), ``live`` (``1`` while a
+    writer holds the key) and ``deadline_ms`` (wall-clock ms when that hold ends). With
+    ``token=None`` the put is admitted only while no live hold stands; with a token, only while
+    the record's token is that token (the newest ever granted for the key).
+    """
+
+    record: str
+    token: int | None
+    now_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteSettings:
+    url: str
+    capacity_bytes: int
+    prefix: str = DEFAULT_PREFIX
+    level: int = DEFAULT_LEVEL
+
+
+class RemoteTier:
+    """A byte store in Redis with a shared budget and LRU order; see the module docstring.
+
+    Not a :class:`~tiers.base.Tier`: it is shared, so whether it holds a key is a question to
+    Redis (async), not to this process's index. The hierarchy consults it below its own tiers.
+    """
+
+    name = REMOTE_TIER
+    volatile = False
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        capacity_bytes: int,
+        device: str,
+        prefix: str = DEFAULT_PREFIX,
+        level: int = DEFAULT_LEVEL,
+        clock: Clock = SYSTEM_CLOCK,
+        executor: Executor | None = None,
+    ) -> None:
+        if capacity_bytes < 1:
+            raise TierConfigError(f"remote capacity must be positive, got {capacity_bytes}")
+        self._client = client
+        self.capacity_bytes = capacity_bytes
+        self.device = device
+        self.prefix = prefix
+        self._level = level
+        self._clock = clock
+        self._executor = executor
+        self._block_prefix = f"{prefix}:blk:"
+        self._lru = f"{prefix}:lru"
+        self._meta = f"{prefix}:meta"
+        self._put = client.register_script(_PUT)
+        self._get = client.register_script(_GET)
+        self._delete = client.register_script(_DELETE)
+        self._hits = 0
+        self._misses = 0
+        self._used = 0
+        self._blocks = 0
+        self._evictions = 0
+
+    @classmethod
+    async def connect(
+        cls,
+        settings: RemoteSettings,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        executor: Executor | None = None,
+    ) -> RemoteTier:
+        """Connect and check Redis answers; :class:`TierIOError` when it does not."""
+        client = aioredis.Redis.from_url(settings.url, decode_responses=False)
+        try:
+            await client.ping()
+        except (RedisError, OSError) as exc:
+            await client.aclose()
+            raise TierIOError(f"cannot reach the remote tier at {settings.url}: {exc}") from exc
+        tier = cls(
+            client,
+            capacity_bytes=settings.capacity_bytes,
+            device=_redacted(settings.url),
+            prefix=settings.prefix,
+            level=settings.level,
+            clock=clock,
+            executor=executor,
+        )
+        await tier.refresh()
+        return tier
+
+    @property
+    def client(self) -> aioredis.Redis:
+        return self._client
+
+    def block_key(self, key: str) -> str:
+        return self._block_prefix + key
+
+    # -- the store ---------------------------------------------------------------------------
+
+    async def get(self, key: str) -> Block | None:
+        """The block, or ``None``; a corrupt or expired one is deleted and missed."""
+        try:
+            frame = await self._get(keys=[self.block_key(key), self._lru, self._meta], args=[key])
+        except (RedisError, OSError) as exc:
+            raise TierIOError(f"remote get failed: {exc}") from exc
+        if frame is None:
+            self._misses += 1
+            return None
+        try:
+            block = await self._codec(decode_frame, frame, len(frame))
+        except CorruptBlock:
+            log.warning("remote block failed its integrity check; dropped")
+            await self.delete(key)
+            self._misses += 1
+            raise
+        if block.meta.expired(self._clock.time()):
+            await self.delete(key)
+            self._misses += 1
+            return None
+        self._hits += 1
+        return block
+
+    async def put(self, key: str, block: Block, *, fence: Fence | None = None) -> PutOutcome:
+        """Store unless present (first writer wins), evicting the shared LRU tail for room."""
+        frame = await self._codec(self._encode, block, block.meta.size)
+        mode, token, record, now_ms = "", "", self.block_key(key), 0
+        if fence is not None:
+            mode = "free" if fence.token is None else "token"
+            token = "" if fence.token is None else str(fence.token)
+            record, now_ms = fence.record, fence.now_ms
+        try:
+            answer = await self._put(
+                keys=[self.block_key(key), self._lru, self._meta, record],
+                args=[frame, mode, token, now_ms, self.capacity_bytes, key, self._block_prefix],
+            )
+        except (RedisError, OSError) as exc:
+            raise TierIOError(f"remote put failed: {exc}") from exc
+        outcome = _OUTCOMES[_text(answer[0])]
+        self._evictions += int(answer[1])
+        if outcome is PutOutcome.STORED:
+            self._used += len(frame)
+            self._blocks += 1
+        return outcome
+
+    async def delete(self, key: str) -> bool:
+        try:
+            removed = await self._delete(
+                keys=[self.block_key(key), self._lru, self._meta], args=[key]
+            )
+        except (RedisError, OSError) as exc:
+            raise TierIOError(f"remote delete failed: {exc}") from exc
+        return bool(removed)
+
+    async def present(self, keys: Sequence[str]) -> list[bool]:
+        """Whether each key is stored, in one round trip."""
+        if not keys:
+            return []
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.exists(self.block_key(key))
+                answers: list[Any] = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise TierIOError(f"remote lookup failed: {exc}") from exc
+        return [bool(n) for n in answers]
+
+    # -- stats and lifecycle -----------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        """Read the shared totals (bytes, blocks, evictions) for :meth:`stats`."""
+        try:
+            fields = await self._client.hmget(self._meta, ["bytes", "blocks", "evictions"])
+        except (RedisError, OSError) as exc:
+            raise TierIOError(f"remote stats failed: {exc}") from exc
+        used, blocks, evictions = (int(v) if v is not None else 0 for v in fields)
+        self._used, self._blocks, self._evictions = used, blocks, evictions
+
+    def stats(self) -> TierStats:
+        """Shared totals as last read (:meth:`refresh`); hits and misses are this gateway's."""
+        return TierStats(
+            name=self.name,
+            device=self.device,
+            capacity_bytes=self.capacity_bytes,
+            used_bytes=self._used,
+            blocks=self._blocks,
+            hits=self._hits,
+            misses=self._misses,
+            evictions=self._evictions,
+        )
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _encode(self, block: Block) -> bytes:
+        return encode_frame(block, level=self._level)
+
+    async def _codec(self, fn: Callable[[_A], _R], arg: _A, size: int) -> _R:
+        if size < _INLINE_CODEC_BYTES:
+            return fn(arg)
+        # zstd and xxh3 release the GIL: a pool thread keeps the loop serving meanwhile.
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, arg)
+
+
+_OUTCOMES = {
+    "stored": PutOutcome.STORED,
+    "exists": PutOutcome.EXISTS,
+    "no_room": PutOutcome.NO_ROOM,
+    "too_large": PutOutcome.TOO_LARGE,
+    "fenced": PutOutcome.FENCED,
+}
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _redacted(url: str) -> str:
+    """The URL without a password, for ``/v1/stats``."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
