@@ -33,6 +33,13 @@ def test_compose_has_the_operator_topology(compose_config: str) -> None:
     assert "OTEL_EXPORTER_OTLP_ENDPOINT: http://otel-collector:4318" in compose_config
 
 
+def test_compose_gateways_share_the_remote_tier(compose_config: str) -> None:
+    # Two gateways, one cache: both point at the compose Redis for blocks and leases.
+    assert "kvgate-b:" in compose_config
+    assert compose_config.count("KVGATE_REMOTE: redis://redis:6379/0") == 2
+    assert "noeviction" in compose_config
+
+
 def test_compose_mounts_existing_files(compose_config: str) -> None:
     for rel in ("deploy/kvgate.toml", "deploy/otel-collector.yaml", "deploy/prometheus.yml"):
         assert (ROOT / rel).is_file(), rel

@@ -1,0 +1,339 @@
+"""The shared remote tier and the Redis lease table, against a real redis-server.
+
+Two gateways on loopback share one redis-server and act as one cache (``--remote``): a block
+stored through one is served by the other, leases and fencing hold across both, waiters on one
+are woken by a commit on the other, and a delete on one drops the other's copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+
+from coherence.errors import LeaseConflict, LeaseLost, LeaseNotFound, StaleToken
+from coherence.leases import Granted, Held, WaitOutcome
+from coherence.redis_leases import RedisLeaseTable
+from coherence.sched import FakeScheduler
+from loadtest.procs import redis_server, redis_server_binary
+from tests.conftest import RunningGateway, running_gateway
+from tiers.base import PutOutcome
+from tiers.block import Block
+from tiers.clock import FakeClock
+from tiers.remote import Fence, RemoteSettings, RemoteTier
+
+pytestmark = pytest.mark.skipif(
+    redis_server_binary() is None,
+    reason="redis-server not installed (scripts/system-deps.sh installs it; CI always has it)",
+)
+
+
+@pytest.fixture
+async def redis_url() -> AsyncIterator[str]:
+    async with redis_server(max_bytes=256 * 1024 * 1024) as url:
+        yield url
+
+
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    conn = aioredis.Redis.from_url(redis_url)
+    try:
+        yield conn
+    finally:
+        await conn.aclose()
+
+
+def _block(size: int = 4096) -> Block:
+    return Block.of(os.urandom(size), dtype="uint8", shape=(size,))
+
+
+# --- the tier ---------------------------------------------------------------------------------
+
+
+async def test_round_trip_first_writer_wins_and_delete(redis_url: str) -> None:
+    tier = await RemoteTier.connect(RemoteSettings(url=redis_url, capacity_bytes=1 << 24))
+    try:
+        block = _block(200_000)  # over the inline codec size: the executor path
+        assert await tier.put("t/a", block) is PutOutcome.STORED
+        assert await tier.put("t/a", _block()) is PutOutcome.EXISTS
+        got = await tier.get("t/a")
+        assert got is not None and bytes(got.data) == bytes(block.data)
+        assert got.meta.shape == (200_000,) and got.meta.digest == block.meta.digest
+        assert await tier.present(["t/a", "t/b"]) == [True, False]
+        await tier.refresh()
+        stats = tier.stats()
+        assert stats.name == "remote" and stats.blocks == 1
+        assert 0 < stats.used_bytes <= stats.capacity_bytes
+        assert await tier.delete("t/a") is True
+        assert await tier.delete("t/a") is False
+        assert await tier.get("t/a") is None
+        await tier.refresh()
+        assert tier.stats().used_bytes == 0 and tier.stats().blocks == 0
+    finally:
+        await tier.close()
+
+
+async def test_budget_evicts_the_shared_least_recently_used(redis_url: str) -> None:
+    size = 8192
+    # Random bytes do not compress: frames are size + a small header; room for three.
+    tier = await RemoteTier.connect(RemoteSettings(url=redis_url, capacity_bytes=3 * size + 600))
+    other = await RemoteTier.connect(RemoteSettings(url=redis_url, capacity_bytes=3 * size + 600))
+    try:
+        for key in ("k/1", "k/2", "k/3"):
+            assert await tier.put(key, _block(size)) is PutOutcome.STORED
+        assert await other.get("k/1") is not None  # another gateway's read counts as recent
+        assert await tier.put("k/4", _block(size)) is PutOutcome.STORED
+        assert await tier.present(["k/1", "k/2", "k/3", "k/4"]) == [True, False, True, True]
+        await tier.refresh()
+        stats = tier.stats()
+        assert stats.blocks == 3 and stats.evictions == 1
+        assert stats.used_bytes <= stats.capacity_bytes
+        assert await tier.put("k/big", _block(4 * size)) is PutOutcome.TOO_LARGE
+    finally:
+        await tier.close()
+        await other.close()
+
+
+async def test_corrupt_value_is_a_miss_and_dropped(redis_url: str, client: aioredis.Redis) -> None:
+    tier = await RemoteTier.connect(RemoteSettings(url=redis_url, capacity_bytes=1 << 24))
+    try:
+        assert await tier.put("t/x", _block()) is PutOutcome.STORED
+        frame = await client.get(tier.block_key("t/x"))
+        assert frame is not None
+        await client.set(tier.block_key("t/x"), frame[:-1] + bytes([frame[-1] ^ 0xFF]))
+        with pytest.raises(Exception, match="checksum"):
+            await tier.get("t/x")
+        assert await tier.present(["t/x"]) == [False]
+    finally:
+        await tier.close()
+
+
+async def test_fence_is_checked_in_the_publishing_step(
+    redis_url: str, client: aioredis.Redis
+) -> None:
+    tier = await RemoteTier.connect(RemoteSettings(url=redis_url, capacity_bytes=1 << 24))
+    try:
+        await client.hset("rec", mapping={"token": 7, "live": 1, "deadline_ms": 2000})
+        # An unleased write while a live hold stands, and a write with another token: refused.
+        assert await tier.put("t/f", _block(), fence=Fence("rec", None, 1000)) is (
+            PutOutcome.FENCED
+        )
+        assert await tier.put("t/f", _block(), fence=Fence("rec", 6, 1000)) is PutOutcome.FENCED
+        assert await tier.present(["t/f"]) == [False]
+        # Past the deadline nobody holds it; the newest token may still write late.
+        assert await tier.put("t/f", _block(), fence=Fence("rec", 7, 1000)) is PutOutcome.STORED
+        assert await tier.put("t/g", _block(), fence=Fence("rec", None, 3000)) is (
+            PutOutcome.STORED
+        )
+    finally:
+        await tier.close()
+
+
+# --- the lease table --------------------------------------------------------------------------
+
+
+async def _tables(
+    client: aioredis.Redis, clock: FakeClock, scheduler: FakeScheduler, n: int = 2
+) -> list[RedisLeaseTable]:
+    tables = [RedisLeaseTable(client, clock=clock, scheduler=scheduler) for _ in range(n)]
+    for table in tables:
+        await table.open()
+    return tables
+
+
+async def test_one_writer_across_tables_with_fencing(client: aioredis.Redis) -> None:
+    clock = FakeClock()
+    scheduler = FakeScheduler(clock)
+    a, b = await _tables(client, clock, scheduler)
+    try:
+        first = await a.acquire("t/k", 1000)
+        assert isinstance(first, Granted)
+        held = await b.acquire("t/k", 1000)
+        assert isinstance(held, Held) and 0 < held.retry_after_ms <= 1000
+        with pytest.raises(LeaseConflict):
+            await b.check_write("t/k", None)
+        with pytest.raises(StaleToken):
+            await b.check_write("t/k", first.token + 1)
+        permit = await b.check_write("t/k", first.token)  # the holder may write via any gateway
+        assert permit.lease_id == first.lease_id
+        clock.advance(1.5)  # the holder went silent past its TTL
+        second = await b.acquire("t/k", 1000)
+        assert isinstance(second, Granted) and second.token > first.token
+        with pytest.raises(StaleToken):
+            await a.check_write("t/k", first.token)  # fenced, whatever the clock says
+        with pytest.raises(LeaseNotFound):
+            await a.renew(first.lease_id, 1000)  # superseded, as in the in-process table
+        with pytest.raises(LeaseNotFound):
+            await b.renew(second.lease_id, 1000, tenant="other")
+        assert await b.renew(second.lease_id, 5000) == int(clock.time() * 1000) + 5000
+        clock.advance(6)
+        with pytest.raises(LeaseLost):
+            await b.renew(second.lease_id, 1000)  # expired, not superseded: 409
+        third = await a.acquire("t/k", 1000)
+        assert isinstance(third, Granted)
+        assert await b.release(third.lease_id) is True  # any gateway may release it
+        assert isinstance(await a.acquire("t/k", 1000), Granted)
+    finally:
+        for table in (a, b):
+            await table.close()
+
+
+async def test_commit_on_one_table_wakes_a_waiter_on_another(client: aioredis.Redis) -> None:
+    clock = FakeClock()
+    scheduler = FakeScheduler(clock)
+    a, b = await _tables(client, clock, scheduler)
+    try:
+        assert await b.wait("t/w", 1000) is WaitOutcome.NO_LEASE
+        lease = await a.acquire("t/w", 5000)
+        assert isinstance(lease, Granted)
+        waiting = asyncio.create_task(b.wait("t/w", 3000))
+        while b.stats().waiters == 0:
+            await asyncio.sleep(0)  # let the waiter park (no time passes)
+        assert await a.commit(lease.lease_id, lease.token, key="t/w") is True
+        assert await asyncio.wait_for(waiting, 5) is WaitOutcome.COMMITTED
+        # A lease that expires unreleased: the waiter hears GONE at its deadline.
+        again = await a.acquire("t/w", 200)
+        assert isinstance(again, Granted)
+        waiting = asyncio.create_task(b.wait("t/w", 3000))
+        while b.stats().waiters == 0:
+            await asyncio.sleep(0)
+        await _settle()
+        scheduler.advance(0.25)
+        assert await asyncio.wait_for(waiting, 5) is WaitOutcome.GONE
+        # And one that outlives the wait: TIMEOUT.
+        third = await a.acquire("t/w", 5000)
+        assert isinstance(third, Granted)
+        waiting = asyncio.create_task(b.wait("t/w", 100))
+        while b.stats().waiters == 0:
+            await asyncio.sleep(0)
+        await _settle()
+        scheduler.advance(0.15)
+        assert await asyncio.wait_for(waiting, 5) is WaitOutcome.TIMEOUT
+    finally:
+        for table in (a, b):
+            await table.close()
+
+
+async def _settle() -> None:
+    # The waiter arms its timer after one more Redis round trip; let that finish.
+    for _ in range(50):
+        await asyncio.sleep(0.001)
+
+
+# --- two gateways, one cache ------------------------------------------------------------------
+
+
+async def _pair(
+    stack: AsyncExitStack, tmp_path: Path, url: str
+) -> tuple[RunningGateway, RunningGateway]:
+    a = await stack.enter_async_context(
+        running_gateway(tmp_path / "a", remote=url, remote_bytes=64 << 20, shm=False)
+    )
+    b = await stack.enter_async_context(
+        running_gateway(tmp_path / "b", remote=url, remote_bytes=64 << 20, shm=False)
+    )
+    return a, b
+
+
+async def test_two_gateways_act_as_one_cache(
+    tmp_path: Path, redis_url: str, http: aiohttp.ClientSession
+) -> None:
+    async with AsyncExitStack() as stack:
+        a, b = await _pair(stack, tmp_path, redis_url)
+        body = os.urandom(300_000)
+        async with http.put(a.block_url("doc.0"), data=body) as resp:
+            assert resp.status == 201
+        async with http.get(b.block_url("doc.0")) as resp:
+            assert resp.status == 200 and resp.headers["X-KV-Tier"] == "remote"
+            assert await resp.read() == body
+        await b.hierarchy.quiesce()  # the remote hit was admitted into b's own tiers
+        async with http.get(b.block_url("doc.0")) as resp:
+            assert resp.headers["X-KV-Tier"] == "hbm" and await resp.read() == body
+        async with http.put(b.block_url("doc.0"), data=body) as resp:
+            assert resp.status == 200  # first writer wins across gateways
+        async with http.put(b.block_url("doc.1"), data=b"x" * 1000) as resp:
+            assert resp.status == 201
+        payload = {"keys": ["doc.0", "doc.1", "doc.2"]}
+        async with http.post(f"{a.url}/v1/lookup", json=payload) as resp:
+            assert await resp.json() == {"prefix_hits": 2, "tiers": ["hbm", "remote"]}
+        async with http.get(f"{a.url}/v1/stats") as resp:
+            tiers = (await resp.json())["tiers"]
+        assert [t["name"] for t in tiers] == ["hbm", "dram", "disk", "remote"]
+        assert tiers[-1]["blocks"] == 2 and tiers[-1]["device"].startswith("redis://")
+        assert tiers[-1]["used_bytes"] <= tiers[-1]["capacity_bytes"]
+        # Delete through one: gone from the other, local copy included.
+        async with http.delete(a.block_url("doc.0")) as resp:
+            assert resp.status == 204
+        for _ in range(200):
+            if not b.hierarchy.contains("default/doc.0"):
+                break
+            await asyncio.sleep(0.005)  # the invalidation travels through Redis pub/sub
+        async with http.get(b.block_url("doc.0")) as resp:
+            assert resp.status == 404
+
+
+async def test_leases_and_waiters_span_gateways(
+    tmp_path: Path, redis_url: str, http: aiohttp.ClientSession
+) -> None:
+    async with AsyncExitStack() as stack:
+        a, b = await _pair(stack, tmp_path, redis_url)
+        async with http.post(f"{a.url}/v1/leases", json={"key": "k", "ttl_ms": 5000}) as resp:
+            assert resp.status == 201
+            lease = await resp.json()
+        async with http.post(f"{b.url}/v1/leases", json={"key": "k", "ttl_ms": 5000}) as resp:
+            assert resp.status == 409 and (await resp.json())["retry_after_ms"] > 0
+        async with http.put(b.block_url("k"), data=b"intruder") as resp:
+            assert resp.status == 409
+        parked = asyncio.create_task(_get(http, b.block_url("k") + "?wait_ms=5000"))
+        for _ in range(200):
+            if _waiters(b) > 0:
+                break
+            await asyncio.sleep(0.005)  # the GET travels to b and parks (no time is faked)
+        assert _waiters(b) == 1
+        headers = {"X-KV-Lease-Token": str(lease["token"])}
+        async with http.put(a.block_url("k"), data=b"the block", headers=headers) as resp:
+            assert resp.status == 201
+        status, body = await asyncio.wait_for(parked, 10)
+        assert (status, body) == (200, b"the block")
+        async with http.post(f"{b.url}/v1/leases", json={"key": "k"}) as resp:
+            assert resp.status == 200 and await resp.json() == {"exists": True}
+        async with http.post(f"{b.url}/v1/leases/{lease['lease_id']}/renew") as resp:
+            assert resp.status == 409  # committed: lost, on every gateway
+
+
+def _waiters(gw: RunningGateway) -> int:
+    from gateway.state import STATE
+
+    return gw.app[STATE].coherent.lease_stats().waiters
+
+
+async def _get(http: aiohttp.ClientSession, url: str) -> tuple[int, bytes]:
+    async with http.get(url) as resp:
+        return resp.status, await resp.read()
+
+
+async def test_real_cli_gateways_share_one_redis(
+    tmp_path: Path, redis_url: str, http: aiohttp.ClientSession
+) -> None:
+    """The compose topology as local processes: two `kvgate serve --remote` and one Redis."""
+    from tests.test_http_process import start_server
+
+    a = await start_server(tmp_path / "a", "--remote", redis_url, "--no-shm")
+    b = await start_server(tmp_path / "b", "--remote", redis_url, "--no-shm")
+    try:
+        body = os.urandom(1 << 20)
+        async with http.put(f"{a.url}/v1/blocks/layer0.blk7", data=body) as resp:
+            assert resp.status == 201
+        async with http.get(f"{b.url}/v1/blocks/layer0.blk7") as resp:
+            assert resp.status == 200 and resp.headers["X-KV-Tier"] == "remote"
+            assert await resp.read() == body
+    finally:
+        for server in (a, b):
+            server.proc.terminate()
+            assert await server.wait() == 0
