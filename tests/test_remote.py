@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -193,26 +193,21 @@ async def test_commit_on_one_table_wakes_a_waiter_on_another(client: aioredis.Re
         lease = await a.acquire("t/w", 5000)
         assert isinstance(lease, Granted)
         waiting = asyncio.create_task(b.wait("t/w", 3000))
-        while b.stats().waiters == 0:
-            await asyncio.sleep(0)  # let the waiter park (no time passes)
+        await _until(lambda: scheduler.pending() == 1)  # parked, its timer armed
         assert await a.commit(lease.lease_id, lease.token, key="t/w") is True
         assert await asyncio.wait_for(waiting, 5) is WaitOutcome.COMMITTED
         # A lease that expires unreleased: the waiter hears GONE at its deadline.
         again = await a.acquire("t/w", 200)
         assert isinstance(again, Granted)
         waiting = asyncio.create_task(b.wait("t/w", 3000))
-        while b.stats().waiters == 0:
-            await asyncio.sleep(0)
-        await _settle()
+        await _until(lambda: scheduler.pending() == 1)
         scheduler.advance(0.25)
         assert await asyncio.wait_for(waiting, 5) is WaitOutcome.GONE
         # And one that outlives the wait: TIMEOUT.
         third = await a.acquire("t/w", 5000)
         assert isinstance(third, Granted)
         waiting = asyncio.create_task(b.wait("t/w", 100))
-        while b.stats().waiters == 0:
-            await asyncio.sleep(0)
-        await _settle()
+        await _until(lambda: scheduler.pending() == 1)
         scheduler.advance(0.15)
         assert await asyncio.wait_for(waiting, 5) is WaitOutcome.TIMEOUT
     finally:
@@ -220,10 +215,13 @@ async def test_commit_on_one_table_wakes_a_waiter_on_another(client: aioredis.Re
             await table.close()
 
 
-async def _settle() -> None:
-    # The waiter arms its timer after one more Redis round trip; let that finish.
-    for _ in range(50):
+async def _until(ready: Callable[[], bool]) -> None:
+    """Let other tasks run (Redis round trips on loopback) until ``ready``; no time is faked."""
+    for _ in range(2000):
+        if ready():
+            return
         await asyncio.sleep(0.001)
+    raise AssertionError("condition never became true")
 
 
 # --- two gateways, one cache ------------------------------------------------------------------
@@ -270,10 +268,8 @@ async def test_two_gateways_act_as_one_cache(
         # Delete through one: gone from the other, local copy included.
         async with http.delete(a.block_url("doc.0")) as resp:
             assert resp.status == 204
-        for _ in range(200):
-            if not b.hierarchy.contains("default/doc.0"):
-                break
-            await asyncio.sleep(0.005)  # the invalidation travels through Redis pub/sub
+        # The invalidation travels through Redis pub/sub.
+        await _until(lambda: not b.hierarchy.contains("default/doc.0"))
         async with http.get(b.block_url("doc.0")) as resp:
             assert resp.status == 404
 
@@ -291,11 +287,7 @@ async def test_leases_and_waiters_span_gateways(
         async with http.put(b.block_url("k"), data=b"intruder") as resp:
             assert resp.status == 409
         parked = asyncio.create_task(_get(http, b.block_url("k") + "?wait_ms=5000"))
-        for _ in range(200):
-            if _waiters(b) > 0:
-                break
-            await asyncio.sleep(0.005)  # the GET travels to b and parks (no time is faked)
-        assert _waiters(b) == 1
+        await _until(lambda: _waiters(b) == 1)  # the GET travels to b and parks
         headers = {"X-KV-Lease-Token": str(lease["token"])}
         async with http.put(a.block_url("k"), data=b"the block", headers=headers) as resp:
             assert resp.status == 201
