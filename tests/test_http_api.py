@@ -74,6 +74,7 @@ async def test_prefetch_answers_202_and_promotes_in_background(
     keys = [f"pf:{i}" for i in range(30)]
     for key in keys:
         await put(gateway, http, key, MiB)
+    await gateway.hierarchy.quiesce()  # background demotions done: a moving block is not cold
     cold = [k for k in keys if gateway.hierarchy.locate(f"default/{k}") == "disk"][:3]
     assert cold
     async with http.post(f"{gateway.url}/v1/prefetch", json={"keys": cold}) as resp:
@@ -168,6 +169,8 @@ async def test_lease_routes_answer_per_contract(
 
 class ExplodingHierarchy:
     """Stands in for a hierarchy whose reads fail, to drive the error middleware's last resorts."""
+
+    shared = None  # no remote tier
 
     def __init__(self, exc: Exception) -> None:
         self.exc = exc
