@@ -253,6 +253,9 @@ async def test_two_gateways_act_as_one_cache(
         await b.hierarchy.quiesce()  # the remote hit was admitted into b's own tiers
         async with http.get(b.block_url("doc.0")) as resp:
             assert resp.headers["X-KV-Tier"] == "hbm" and await resp.read() == body
+        async with http.get(f"{b.url}/metrics") as resp:
+            metrics = await resp.text()
+        assert 'tier="remote"' in metrics  # per-tier latency covers the shared tier too
         async with http.put(b.block_url("doc.0"), data=body) as resp:
             assert resp.status == 200  # first writer wins across gateways
         async with http.put(b.block_url("doc.1"), data=b"x" * 1000) as resp:
