@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import operator
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -10,6 +14,7 @@ from tiers.errors import TierConfigError
 from tiers.policies import (
     BeladyPolicy,
     ChainLRUPolicy,
+    ChainS3FIFOPolicy,
     FutureOracle,
     PrefixLRU2Policy,
     TTLPolicy,
@@ -18,7 +23,7 @@ from tiers.policies import (
 from tiers.policies.sketch import FrequencySketch
 from tiers.policy import DEFAULT_POLICY, Access, EvictionPolicy, make_policy, policy_names
 
-LIVE = ["lru", "chain-lru", "prefix-lru2", "w-tinylfu", "ttl"]
+LIVE = ["lru", "chain-lru", "prefix-lru2", "w-tinylfu", "ttl", "chain-s3fifo"]
 
 
 def miss_insert(p: EvictionPolicy, key: str, now: float = 0.0, **kw: object) -> None:
@@ -224,7 +229,7 @@ def test_policy_tracks_resident_set(name: str, ops: list[tuple[str, int]]) -> No
             resident.discard(key)
         else:
             banned = f"k{i}"
-            v = p.victim(lambda k, b=banned: k == b)
+            v = p.victim(functools.partial(operator.eq, banned))
             assert v != banned
             if v is None:
                 assert resident <= {banned}
@@ -233,3 +238,146 @@ def test_policy_tracks_resident_set(name: str, ops: list[tuple[str, int]]) -> No
                 p.on_remove(v)
                 resident.discard(v)
         assert len(p) == len(resident)
+
+
+# -- opt-in timing of policy calls (tiers/policies/timing.py) --------------------------------
+
+
+def test_timing_is_off_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tiers.policies.timing import TimedPolicy
+    from tiers.policy import TIMING_ENV_VAR
+
+    monkeypatch.delenv(TIMING_ENV_VAR, raising=False)
+    for name in LIVE:
+        assert not isinstance(make_policy(name), TimedPolicy)
+
+
+@pytest.mark.parametrize("name", LIVE)
+def test_timed_policy_delegates_and_counts(
+    name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from tiers.policies import timing
+
+    monkeypatch.delenv(timing.ENV_VAR, raising=False)
+    bare = make_policy(name)
+    monkeypatch.setenv(timing.ENV_VAR, str(tmp_path / "unused.json"))
+    timing.reset()
+    timed = make_policy(name)
+    assert isinstance(timed, timing.TimedPolicy)
+    assert isinstance(timed, EvictionPolicy)
+    for p in (timed, bare):
+        for i in range(6):
+            miss_insert(p, f"k{i}", now=float(i), depth=0)
+        p.on_hit(Access("k1", 1, 10.0, depth=0))
+        p.on_hit(Access("k3", 1, 11.0, depth=0))
+    assert timed.name == bare.name == name
+    assert len(timed) == len(bare) == 6
+    assert drain(timed) == drain(bare)  # same decisions as the bare policy
+    snap = timing.report()["policies"][-1]
+    calls = {m: v["calls"] for m, v in snap["methods"].items()}
+    assert calls == {
+        "admit": 6,
+        "on_insert": 6,
+        "on_hit": 2,
+        "on_miss": 6,
+        "on_remove": 6,
+        "victim": 7,  # six victims, then None
+    }
+    assert snap["policy"] == name
+    assert all(v["ns"] >= 0 for v in snap["methods"].values())
+    assert snap["methods"]["on_hit"]["p50_ns"] is not None
+    timing.reset()
+
+
+def test_timing_report_is_written_at_exit(tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tiers.policy import TIMING_ENV_VAR
+
+    report = tmp_path / "timing.json"
+    script = (
+        "from tiers.policy import Access, make_policy\n"
+        "hot, cold = make_policy('lru'), make_policy('prefix-lru2')\n"
+        "hot.on_insert(Access('a'))\n"
+        "for _ in range(5): hot.on_hit(Access('a'))\n"
+        "cold.on_miss(Access('b'))\n"
+    )
+    env = {**os.environ, TIMING_ENV_VAR: str(report)}
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-c", script], env=env, cwd=root, check=True)
+    data = json.loads(report.read_text())
+    assert data["clock_floor_ns"] >= 0
+    (hot, cold) = data["policies"]
+    assert (hot["label"], hot["policy"]) == ("#0", "lru")
+    assert hot["methods"]["on_hit"]["calls"] == 5
+    assert hot["methods"]["on_insert"]["calls"] == 1
+    assert (cold["label"], cold["policy"], cold["calls"]) == ("#1", "prefix-lru2", 1)
+
+
+# -- chain-s3fifo -----------------------------------------------------------------------------
+
+
+def request(p: EvictionPolicy, root: str, length: int, now: float, resident: set[str]) -> None:
+    """One request for chain ``root`` as the simulator drives it: hits touched, misses inserted."""
+    prev = None
+    for depth in range(length):
+        key = f"{root}:{depth}"
+        a = Access(key, 1, now, depth, prev)
+        if key in resident:
+            p.on_hit(a)
+        else:
+            miss_insert(p, key, now, depth=depth, prev=prev)
+            resident.add(key)
+        prev = key
+
+
+def evict(p: EvictionPolicy, resident: set[str]) -> str:
+    v = p.victim()
+    assert v is not None and v in resident
+    p.on_remove(v)
+    resident.discard(v)
+    return v
+
+
+def test_s3fifo_evicts_a_chain_deepest_first_and_new_chains_first() -> None:
+    p = ChainS3FIFOPolicy()
+    resident: set[str] = set()
+    request(p, "a", 3, 0.0, resident)
+    request(p, "a", 3, 1.0, resident)  # a is asked for again while in the small queue
+    request(p, "b", 3, 2.0, resident)  # b, newer, is not
+    # a earned the main queue; b, still probationary, goes first, from its tail.
+    assert [evict(p, resident) for _ in range(3)] == ["b:2", "b:1", "b:0"]
+    assert [evict(p, resident) for _ in range(3)] == ["a:2", "a:1", "a:0"]
+    assert p.victim() is None and len(p) == 0
+
+
+def test_s3fifo_ghost_sends_a_returning_chain_to_main() -> None:
+    p = ChainS3FIFOPolicy()
+    resident: set[str] = set()
+    request(p, "a", 2, 0.0, resident)
+    assert [evict(p, resident) for _ in range(2)] == ["a:1", "a:0"]  # a leaves, into the ghost
+    request(p, "b", 2, 1.0, resident)
+    request(p, "a", 2, 2.0, resident)  # a returns: straight to main, b stays probationary
+    assert [evict(p, resident) for _ in range(2)] == ["b:1", "b:0"]
+
+
+def test_s3fifo_main_reinserts_chains_used_while_resident() -> None:
+    p = ChainS3FIFOPolicy(small_fraction=0.0)
+    resident: set[str] = set()
+    for root in ("a", "b"):
+        request(p, root, 2, 0.0, resident)
+        request(p, root, 2, 0.5, resident)
+    evict(p, resident)  # promotes both to main (a first), then evicts the tail of a
+    request(p, "b", 2, 1.0, resident)  # b used again in main: reinserted once before eviction
+    assert [evict(p, resident) for _ in range(3)] == ["a:0", "b:1", "b:0"]
+
+
+def test_s3fifo_respects_exclude() -> None:
+    p = ChainS3FIFOPolicy()
+    resident: set[str] = set()
+    request(p, "a", 3, 0.0, resident)
+    assert p.victim(lambda k: k == "a:2") == "a:1"
+    assert p.victim(lambda k: k.startswith("a")) is None

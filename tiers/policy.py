@@ -7,6 +7,7 @@ A policy only orders keys; it never touches bytes or budgets (the ledger does th
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -105,6 +106,8 @@ PolicyFactory = Callable[[], EvictionPolicy]
 _REGISTRY: dict[str, PolicyFactory] = {"lru": LRUPolicy}
 # Measured best on the Mooncake synthetic trace at every capacity tried (docs/policies.md).
 DEFAULT_POLICY = "prefix-lru2"
+TIMING_ENV_VAR = "TIERS_POLICY_TIMING"  # not KVGATE_*: the gateway rejects unknown ones
+"""Names a JSON file: policies are then timed per call and the report written at exit."""
 _builtins_loaded = False
 
 
@@ -140,4 +143,11 @@ def make_policy(name: str | None = None) -> EvictionPolicy:
         raise TierConfigError(
             f"unknown eviction policy {key!r}; choose one of {', '.join(policy_names())}"
         ) from None
-    return factory()
+    policy = factory()
+    if os.environ.get(TIMING_ENV_VAR):
+        # Opt-in measurement of the live tiers (tiers/policies/timing.py); off by default and
+        # then free: the bare policy is returned and no call is wrapped.
+        from tiers.policies.timing import maybe_wrap
+
+        return maybe_wrap(policy)
+    return policy

@@ -9,6 +9,7 @@ from __future__ import annotations
 from tiers.policies.belady import BeladyPolicy, FutureOracle
 from tiers.policies.chain import ChainLRUPolicy
 from tiers.policies.prefix import PrefixLRU2Policy
+from tiers.policies.s3fifo import ChainS3FIFOPolicy
 from tiers.policies.tinylfu import WTinyLFUPolicy
 from tiers.policies.ttl import TTLPolicy
 
@@ -17,12 +18,14 @@ BUILTIN = {
     PrefixLRU2Policy.name: PrefixLRU2Policy,
     WTinyLFUPolicy.name: WTinyLFUPolicy,
     TTLPolicy.name: TTLPolicy,
+    ChainS3FIFOPolicy.name: ChainS3FIFOPolicy,
 }
 
 __all__ = [
     "BUILTIN",
     "BeladyPolicy",
     "ChainLRUPolicy",
+    "ChainS3FIFOPolicy",
     "FutureOracle",
     "PrefixLRU2Policy",
     "TTLPolicy",
