@@ -332,3 +332,40 @@ async def test_real_cli_gateways_share_one_redis(
         for server in (a, b):
             server.proc.terminate()
             assert await server.wait() == 0
+
+
+async def test_redis_going_away_degrades_never_500(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """Redis gone: reads are served locally or missed, writes and leases answer 503."""
+    server = redis_server(max_bytes=64 << 20)
+    url = await server.__aenter__()
+    running = True
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(
+            lambda: server.__aexit__(None, None, None) if running else _none()
+        )
+        gw = await stack.enter_async_context(
+            running_gateway(tmp_path / "a", remote=url, remote_bytes=64 << 20, shm=False)
+        )
+        async with http.put(gw.block_url("before"), data=b"kept locally") as resp:
+            assert resp.status == 201
+        running = False
+        await server.__aexit__(None, None, None)  # redis-server stops here, mid-run
+        async with http.get(gw.block_url("before")) as resp:
+            assert resp.status == 200 and await resp.read() == b"kept locally"
+        async with http.get(gw.block_url("elsewhere")) as resp:
+            assert resp.status == 404  # the remote read failed: a miss
+        async with http.put(gw.block_url("after"), data=b"unfenceable") as resp:
+            # Whether another gateway holds a lease cannot be known: refused, not guessed.
+            assert resp.status == 503 and (await resp.json())["error"] == "unavailable"
+        async with http.post(f"{gw.url}/v1/lookup", json={"keys": ["before", "x"]}) as resp:
+            assert resp.status == 200 and (await resp.json())["prefix_hits"] == 1
+        async with http.post(f"{gw.url}/v1/leases", json={"key": "k"}) as resp:
+            assert resp.status == 503 and (await resp.json())["error"] == "unavailable"
+        async with http.get(f"{gw.url}/v1/stats") as resp:
+            assert resp.status == 200
+
+
+async def _none() -> None:
+    return None
