@@ -369,3 +369,12 @@ async def test_redis_going_away_degrades_never_500(
 
 async def _none() -> None:
     return None
+
+
+async def test_remote_bench_smoke() -> None:
+    """loadtest.remote_bench runs end to end (numbers are for docs/remote.md, not asserted)."""
+    from loadtest.remote_bench import run
+
+    result = await run(blocks=4, block_size=64 * 1024, concurrency=2, rounds=1)
+    assert result["scenario"] == "remote-get"
+    assert result["kvgate_remote_gbps_median"] > 0 and result["redis_get_gbps_median"] > 0
