@@ -10,10 +10,34 @@ from types import TracebackType
 from typing import Any, Self
 
 import aiohttp
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.payload import BytesPayload
 
 from gateway import batch
 from gateway.errors import KVGateError, client_error_for
 from gateway.shm_client import ShmSession, ShmUnavailable, is_loopback_url
+
+
+class SplitBody(BytesPayload):
+    """A request body sent without aiohttp's header/body join (a copy of the whole body).
+
+    aiohttp sends the headers with the body's first write by joining the two (before Python
+    3.12.9 it never hands the transport a list instead); a 1-byte first write keeps that join
+    tiny, and the rest goes to the transport as a memoryview of the caller's buffer."""
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        await self.write_with_length(writer, None)
+
+    async def write_with_length(
+        self, writer: AbstractStreamWriter, content_length: int | None
+    ) -> None:
+        view = memoryview(self._value).cast("B")
+        if content_length is not None:
+            view = view[:content_length]
+        if len(view) > 1:
+            await writer.write(view[:1])
+            view = view[1:]
+        await writer.write(view)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +178,8 @@ class KVGateClient:
         if lease_token is not None:
             headers["X-KV-Lease-Token"] = str(lease_token)
         session = self._ensure_session()
-        async with session.put(self._block_url(key), data=data, headers=headers) as resp:
+        body = SplitBody(data, content_type="application/octet-stream")
+        async with session.put(self._block_url(key), data=body, headers=headers) as resp:
             if resp.status == 201:
                 return True
             if resp.status == 200:
@@ -321,13 +346,67 @@ class KVGateClient:
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         """The blocks of ``keys`` in order (``None`` for a miss): through shared memory when the
-        gateway is on this host, else one ``/v1/batch/get``."""
-        return await self._get_many(keys, retry=True)
+        gateway is on this host, else one ``/v1/batch/get``. Each block is a new ``bytes``."""
+        read = await self._shm_get(keys)
+        if read is None:
+            return [None if b is None else b.data for b in await self.batch_get(keys)]
+        shm, lease, items = read
+        out: list[bytes | None] = []
+        try:
+            for key, item in zip(keys, items, strict=True):
+                status = item["status"]
+                if status == 200:
+                    out.append(shm.read(item["segment"], item["runs"]))
+                elif status == 404:
+                    out.append(None)
+                else:  # 307: not in shared memory right now; this one comes over HTTP
+                    out.append(await self.get(key))
+        finally:
+            self._release_later(lease)
+        return out
 
-    async def _get_many(self, keys: Sequence[str], *, retry: bool) -> list[bytes | None]:
+    async def get_many_into(self, keys: Sequence[str], buffers: Sequence[Any]) -> list[int | None]:
+        """Copy the blocks of ``keys`` into the caller's writable ``buffers`` (one per key:
+        ``bytearray``, ``memoryview``, numpy array, a CPU tensor's ``.numpy()``...), each from
+        its start; per key the number of bytes written, or ``None`` for a miss. Through shared
+        memory this is one memcpy per block and no allocation (a serving engine copying into its
+        own KV-cache pages); without it, the HTTP bytes are copied in. A buffer smaller than its
+        block raises ``ValueError``."""
+        if len(buffers) != len(keys):
+            raise ValueError(f"{len(keys)} keys but {len(buffers)} buffers")
+        views = [_byte_view(b) for b in buffers]
+        read = await self._shm_get(keys)
+        if read is None:
+            got = await self.batch_get(keys)
+            return [
+                None if b is None else _copy_into(view, b.data)
+                for b, view in zip(got, views, strict=True)
+            ]
+        shm, lease, items = read
+        out: list[int | None] = []
+        try:
+            for key, item, view in zip(keys, items, views, strict=True):
+                status = item["status"]
+                if status == 200:
+                    out.append(shm.read_into(item["segment"], item["runs"], view))
+                elif status == 404:
+                    out.append(None)
+                else:
+                    data = await self.get(key)
+                    out.append(None if data is None else _copy_into(view, data))
+        finally:
+            self._release_later(lease)
+        return out
+
+    async def _shm_get(
+        self, keys: Sequence[str], *, retry: bool = True
+    ) -> tuple[ShmSession, object, list[dict[str, Any]]] | None:
+        """One ``/v1/shm/get``: the session, its lease (release it with :meth:`_release_later`
+        once the bytes are copied out) and one descriptor per key; ``None`` when the
+        shared-memory path is not available (read over HTTP instead)."""
         shm = await self._shm_session()
         if shm is None:
-            return [None if b is None else b.data for b in await self.batch_get(keys)]
+            return None
         payload: dict[str, Any] = {"session": shm.id, "keys": list(keys)}
         if self._shm_release:
             # Releasing the previous read rides on this call: no round trip of its own.
@@ -340,22 +419,15 @@ class KVGateClient:
             # The session is gone (the gateway restarted, or it sat idle): attach once more.
             await self._shm_detach()
             self._shm_tried = False
-            return await self._get_many(keys, retry=False)
-        lease = answer.get("lease")
-        out: list[bytes | None] = []
-        try:
-            for key, item in zip(keys, answer["items"], strict=True):
-                status = item["status"]
-                if status == 200:
-                    out.append(shm.read(item["segment"], item["runs"]))
-                elif status == 404:
-                    out.append(None)
-                else:  # 307: not in shared memory right now; this one comes over HTTP
-                    out.append(await self.get(key))
-        finally:
-            if isinstance(lease, str):
-                self._shm_release.append(lease)
-        return out
+            return await self._shm_get(keys, retry=False)
+        items = answer["items"]
+        if not isinstance(items, list) or len(items) != len(keys):
+            raise KVGateError(200, "bad_answer", "one descriptor per key expected")
+        return shm, answer.get("lease"), items
+
+    def _release_later(self, lease: object) -> None:
+        if isinstance(lease, str):
+            self._shm_release.append(lease)
 
     async def put_many(
         self,
@@ -434,6 +506,22 @@ class KVGateClient:
         if not isinstance(result, dict):
             raise KVGateError(resp.status, "bad_answer", "expected a JSON object")
         return result
+
+
+def _byte_view(buffer: Any) -> memoryview:
+    view = memoryview(buffer)
+    if view.readonly:
+        raise ValueError("get_many_into needs writable buffers")
+    if not view.c_contiguous:
+        raise ValueError("get_many_into needs contiguous buffers")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def _copy_into(view: memoryview, data: bytes) -> int:
+    if len(data) > len(view):
+        raise ValueError(f"a block of {len(data)} bytes does not fit a buffer of {len(view)}")
+    view[: len(data)] = data
+    return len(data)
 
 
 async def _error_of(resp: aiohttp.ClientResponse) -> KVGateError:

@@ -77,6 +77,28 @@ class ShmSession:
         finally:
             view.release()
 
+    def read_into(self, segment: str, runs: Sequence[Sequence[int]], dest: memoryview) -> int:
+        """Copy a descriptor's bytes to the start of ``dest`` (a writable byte view); the
+        number of bytes copied. No allocation: one memcpy per run."""
+        mapped = self._segments.get(segment)
+        if mapped is None:
+            raise ShmUnavailable(f"unknown segment {segment!r}")
+        size = sum(length for _, length in runs)
+        if size > len(dest):
+            raise ValueError(f"a block of {size} bytes does not fit a buffer of {len(dest)}")
+        if mapped.mapping is None:
+            dest[:size] = _cuda_read(mapped.cuda, runs)
+            return size
+        view = memoryview(mapped.mapping)
+        try:
+            pos = 0
+            for offset, length in runs:
+                dest[pos : pos + length] = view[offset : offset + length]
+                pos += length
+        finally:
+            view.release()
+        return size
+
     def write(self, segment: str, runs: Sequence[Sequence[int]], data: bytes | memoryview) -> None:
         mapped = self._segments.get(segment)
         if mapped is None or mapped.mapping is None or not mapped.info.writable:

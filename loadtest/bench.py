@@ -23,6 +23,7 @@ from loadtest import report
 from loadtest.cli_common import (
     add_output_options,
     add_target_options,
+    apply_client_malloc,
     environment,
     known_targets,
     results_dir,
@@ -33,7 +34,7 @@ from loadtest.matrix import Entry, open_targets, run_rounds
 from loadtest.scenarios import SCENARIOS, Params
 from loadtest.sizes import format_size, parse_size
 
-STANDARD_TARGETS = ("kvgate", "dict", "redis", "mooncake", "kvgate-shm")
+STANDARD_TARGETS = ("kvgate", "dict", "redis", "mooncake", "kvgate-shm", "kvgate-shed")
 
 
 def standard_entries(*, block_size: int, concurrency: int, duration_s: float) -> list[Entry]:
@@ -93,6 +94,7 @@ async def bench(args: argparse.Namespace) -> int:
         if e.scenario in wanted
     ]
     options = target_options(args, block_size=args.block_size, concurrency=args.concurrency)
+    client_malloc = apply_client_malloc(args)
     started = time.monotonic()
     async with contextlib.AsyncExitStack() as stack:
         opened, skipped = await open_targets(stack, names, options, skip_unavailable=True)
@@ -112,6 +114,7 @@ async def bench(args: argparse.Namespace) -> int:
         "kvgate_sizes": f"hbm {args.hbm_bytes}, dram {args.dram_bytes}, disk {args.disk_bytes}",
         "peer_memory": format_size(args.peer_memory),
         "mooncake_mode": args.mooncake_mode,
+        "client_malloc": client_malloc,
         "skipped": skipped,
         "wall_s": round(time.monotonic() - started, 1),
         **environment(),

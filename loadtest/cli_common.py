@@ -11,6 +11,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from loadtest import alloc
 from loadtest.procs import KvgateSizes
 from loadtest.sizes import parse_size
 from loadtest.targets import OPENERS, TargetOptions
@@ -43,6 +44,14 @@ def add_target_options(parser: argparse.ArgumentParser) -> None:
         default="local",
         help="local: the client holds the segment itself; remote: a separate mooncake_client "
         "process holds it and bytes cross TCP (local)",
+    )
+    parser.add_argument(
+        "--client-malloc",
+        choices=alloc.CHOICES,
+        default="keep",
+        help="the load generator's glibc allocator, the same for every target's client: keep "
+        "freed 1 MiB buffers for reuse instead of faulting fresh pages in for each block read "
+        "(keep), or glibc's defaults (see loadtest/alloc.py)",
     )
 
 
@@ -82,6 +91,10 @@ def results_dir(args: argparse.Namespace, suffix: str = "") -> Path:
 
 def known_targets() -> list[str]:
     return list(OPENERS)
+
+
+def apply_client_malloc(args: argparse.Namespace) -> str:
+    return alloc.apply(args.client_malloc)
 
 
 def environment() -> dict[str, Any]:

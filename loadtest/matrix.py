@@ -63,7 +63,9 @@ async def run_rounds(
         scenarios: dict[str, Scenario] = {
             t.name: make_scenario(entry.scenario, entry.params) for t in targets
         }
-        runnable = [t for t in targets if scenarios[t.name].supports(t)]
+        runnable = [
+            t for t in targets if scenarios[t.name].supports(t) and _wants(t, entry.scenario)
+        ]
         for r in range(rounds):
             shift = r % max(len(runnable), 1)
             for target in runnable[shift:] + runnable[:shift]:
@@ -78,3 +80,9 @@ async def run_rounds(
                 )
                 results.append(result)
     return results
+
+
+def _wants(target: Target, scenario: str) -> bool:
+    """A target may limit itself to some scenarios (``only_scenarios``; all when absent)."""
+    only: frozenset[str] | None = getattr(target, "only_scenarios", None)
+    return only is None or scenario in only

@@ -14,7 +14,7 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -260,9 +260,14 @@ class KvgateSizes:
 
 @contextlib.asynccontextmanager
 async def kvgate_server(
-    *, sizes: KvgateSizes, extra_args: Sequence[str] = (), timeout_s: float = 60.0
+    *,
+    sizes: KvgateSizes,
+    extra_args: Sequence[str] = (),
+    settings: Mapping[str, str] | None = None,
+    timeout_s: float = 60.0,
 ) -> AsyncIterator[str]:
-    """``python -m gateway.cli serve`` on a free port with a scratch data dir; yields its URL."""
+    """``python -m gateway.cli serve`` on a free port with a scratch data dir; yields its URL.
+    ``settings`` are extra ``KVGATE_*`` environment settings of that server only."""
     port = free_port()
     async with scratch_dir("kvgate-serve-") as tmp:
         argv = [
@@ -290,7 +295,7 @@ async def kvgate_server(
             ready=http_ok(f"http://127.0.0.1:{port}/readyz"),
             workdir=tmp,
             timeout_s=timeout_s,
-            env=_env_with_repo_on_path(),
+            env={**_env_with_repo_on_path(), **(settings or {})},
         ):
             yield f"http://127.0.0.1:{port}"
 

@@ -17,6 +17,8 @@ RATIO_PAIRS: tuple[tuple[str, str], ...] = (
     ("kvgate", "dict"),
     ("kvgate", "mooncake"),
     ("kvgate-shm", "mooncake"),
+    ("kvgate-shed", "redis"),
+    ("kvgate-shed", "dict"),
 )
 """(kvgate variant, peer) pairs whose ratios the summary prints when both ran."""
 

@@ -26,6 +26,7 @@ from loadtest import report
 from loadtest.cli_common import (
     add_output_options,
     add_target_options,
+    apply_client_malloc,
     environment,
     known_targets,
     results_dir,
@@ -115,6 +116,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         warmup_s=args.warmup,
     )
     options = target_options(args, block_size=args.block_size, concurrency=args.concurrency)
+    client_malloc = apply_client_malloc(args)
     async with contextlib.AsyncExitStack() as stack:
         opened, _ = await open_targets(stack, targets, options, skip_unavailable=False)
         results = await run_rounds(
@@ -126,7 +128,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     if not results:
         raise SystemExit(f"no target supports scenario {args.scenario}")
     outdir = results_dir(args, args.scenario)
-    meta = {"command": " ".join(["python -m loadtest.run", *sys.argv[1:]]), **environment()}
+    meta = {
+        "command": " ".join(["python -m loadtest.run", *sys.argv[1:]]),
+        "client_malloc": client_malloc,
+        **environment(),
+    }
     paths = report.write(results, outdir, meta=meta, plots=not args.no_plots)
     for line in report.ratio_lines(results):
         print(line)

@@ -34,6 +34,19 @@ async def test_put_get_head_delete(gateway: RunningGateway) -> None:
         assert await kv.ready() is True
 
 
+async def test_put_sends_any_buffer_exactly(gateway: RunningGateway) -> None:
+    import array
+
+    floats = array.array("f", [1.5, -2.25, 3.0] * 100_000)  # not a byte format
+    async with KVGateClient(gateway.url) as kv:
+        assert await kv.put("f", memoryview(floats)) is True
+        assert await kv.put("one", b"x") is True
+        assert await kv.put("ba", bytearray(b"mutable")) is True
+        assert await kv.get("f") == floats.tobytes()
+        assert await kv.get("one") == b"x"
+        assert await kv.get("ba") == b"mutable"
+
+
 async def test_lookup_prefetch_stats(gateway: RunningGateway) -> None:
     async with KVGateClient(gateway.url) as kv:
         keys = [f"c{i}" for i in range(30)]

@@ -232,3 +232,53 @@ def test_a_dead_target_fails_the_run_loudly(
     assert "no operation completed" in captured.err
     (run,) = json.loads((tmp_path / "results.json").read_text())["runs"]
     assert run["ops"] == 0 and run["errors"] > 0
+
+
+def test_client_malloc_setting_is_reported() -> None:
+    from loadtest import alloc
+
+    assert alloc.apply("default") == "default"
+    applied = alloc.apply("keep")
+    # On glibc the thresholds are set; elsewhere nothing changes and the run says so.
+    assert applied.startswith("keep") == alloc.keep_freed_memory()
+
+
+async def test_a_target_limited_to_some_scenarios_only_runs_those() -> None:
+    from loadtest.matrix import Entry, run_rounds
+
+    class Limited:
+        name = "limited"
+        only_scenarios = frozenset({"put"})
+
+        def __init__(self) -> None:
+            self.store: dict[str, bytes] = {}
+
+        async def put(self, key: str, value: bytes) -> PutStatus:
+            self.store.setdefault(key, value)
+            return PutStatus.STORED
+
+        async def get(self, key: str) -> GetResult:
+            return GetResult(self.store.get(key), self.name)
+
+        async def close(self) -> None:
+            return None
+
+    async with open_target("dict", OPTIONS) as full:
+        limited = Limited()
+        entries = [Entry("hot-get", PARAMS, SHORT), Entry("put", PARAMS, SHORT)]
+        results = await run_rounds(entries, [full, limited], rounds=1, progress=None)
+    ran = sorted((r.scenario, r.target) for r in results)
+    assert ran == [("hot-get", "dict"), ("put", "dict"), ("put", "limited")]
+    assert limited.store  # it did run the put scenario
+
+
+async def test_kvgate_shed_target_starts_a_shedding_gateway() -> None:
+    from loadtest.targets import SHED_SETTINGS
+
+    assert SHED_SETTINGS == {"KVGATE_DISK_SHED": "true"}
+    async with open_target("kvgate-shed", OPTIONS) as t:
+        assert t.name == "kvgate-shed"
+        assert getattr(t, "only_scenarios", None) == frozenset({"put", "mixed"})
+        put = await run_scenario(t, make_scenario("put", PARAMS), PARAMS, SHORT, progress=None)
+        assert_sane(put, op="put", moves_bytes=True)
+        assert put.outcomes == {"put:stored": put.ops}

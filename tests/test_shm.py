@@ -131,6 +131,43 @@ async def test_shm_round_trip_is_bit_identical(gateway: RunningGateway) -> None:
             assert fetched.etag == f'"{digest(data).hex()}"'
 
 
+async def test_get_many_into_fills_caller_buffers_without_allocating(
+    gateway: RunningGateway,
+) -> None:
+    import numpy as np
+
+    blocks = {f"i:{i}": payload(f"i:{i}", size) for i, size in enumerate([7, MiB, 2 * MiB + 3])}
+    async with KVGateClient(gateway.url) as kv:
+        await kv.put_many(blocks)
+        assert kv.uses_shm
+        # Numpy pages, a bytearray and a wider dtype: all written as bytes, from their start.
+        cache = np.zeros((3, 3 * MiB), dtype=np.uint8)
+        spare = bytearray(b"\xff" * (3 * MiB))
+        wide = np.zeros(3 * MiB // 4, dtype=np.float32)
+        sizes = await kv.get_many_into([*blocks, "absent"], [cache[0], cache[1], wide, spare])
+        assert sizes == [len(v) for v in blocks.values()] + [None]
+        assert cache[0, :7].tobytes() == blocks["i:0"] and not cache[0, 7:].any()
+        assert cache[1, :MiB].tobytes() == blocks["i:1"]
+        assert wide.tobytes()[: 2 * MiB + 3] == blocks["i:2"]
+        assert spare == b"\xff" * (3 * MiB)  # a miss leaves its buffer alone
+        with pytest.raises(ValueError, match="does not fit"):
+            await kv.get_many_into(["i:1"], [bytearray(MiB - 1)])
+        with pytest.raises(ValueError, match="writable"):
+            await kv.get_many_into(["i:0"], [b"read-only bytes"])
+        with pytest.raises(ValueError, match="buffers"):
+            await kv.get_many_into(["i:0", "i:1"], [bytearray(8)])
+        # The lease of the refused read was released with the next call: nothing stays pinned.
+        assert await kv.get_many(["i:0"]) == [blocks["i:0"]]
+
+
+async def test_get_many_into_over_http_without_shm(tmp_path: Path) -> None:
+    async with running_gateway(tmp_path, shm=False) as gw, KVGateClient(gw.url) as kv:
+        await kv.put("h", b"over http")
+        out = bytearray(16)
+        assert await kv.get_many_into(["h", "none"], [out, bytearray(1)]) == [9, None]
+        assert not kv.uses_shm and out[:9] == b"over http"
+
+
 async def test_shm_serves_disk_blocks_through_staging(gateway: RunningGateway) -> None:
     keys = [f"d:{i}" for i in range(30)]  # 30 MiB: more than hbm + dram hold
     async with KVGateClient(gateway.url) as kv:

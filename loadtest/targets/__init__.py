@@ -83,6 +83,31 @@ async def _open_kvgate(options: TargetOptions) -> AsyncIterator[Target]:
         yield await stack.enter_async_context(_http(KvgateTarget, "kvgate", url, options))
 
 
+# A RAM cache that sheds under write overload, as the redis peer (no persistence, allkeys-lru)
+# does: kvgate with disk_shed on, for the write scenarios only (reads are the same server code).
+SHED_SETTINGS = {"KVGATE_DISK_SHED": "true"}
+SHED_SCENARIOS = frozenset({"put", "mixed"})
+
+
+@contextlib.asynccontextmanager
+async def _open_kvgate_shed(options: TargetOptions) -> AsyncIterator[Target]:
+    async with contextlib.AsyncExitStack() as stack:
+        url = options.url
+        if url is None:
+            url = await stack.enter_async_context(
+                procs.kvgate_server(
+                    sizes=options.kvgate_sizes,
+                    extra_args=options.kvgate_args,
+                    settings=SHED_SETTINGS,
+                )
+            )
+        target = KvgateTarget(
+            "kvgate-shed", url, concurrency=options.concurrency, only_scenarios=SHED_SCENARIOS
+        )
+        stack.push_async_callback(target.close)
+        yield target
+
+
 @contextlib.asynccontextmanager
 async def _open_kvgate_shm(options: TargetOptions) -> AsyncIterator[Target]:
     from loadtest.targets.shm_target import KvgateShmTarget
@@ -154,6 +179,7 @@ async def _open_mooncake(options: TargetOptions) -> AsyncIterator[Target]:
 OPENERS: dict[str, Opener] = {
     "kvgate": _open_kvgate,
     "kvgate-shm": _open_kvgate_shm,
+    "kvgate-shed": _open_kvgate_shed,
     "dict": _open_dict,
     "redis": _open_redis,
     "mooncake": _open_mooncake,

@@ -7,8 +7,10 @@ from collections.abc import Sequence
 
 import aiohttp
 
+from gateway.client import SplitBody
 from loadtest.targets.base import GetResult, Lease, LeaseRefusal, PutStatus, TargetError
 
+_OCTET = "application/octet-stream"
 _PUT_STATUS = {
     201: PutStatus.STORED,
     200: PutStatus.EXISTS,
@@ -29,8 +31,11 @@ class HttpTarget:
         concurrency: int,
         default_tier: str | None = None,
         headers: dict[str, str] | None = None,
+        only_scenarios: frozenset[str] | None = None,
     ) -> None:
         self.name = name
+        self.only_scenarios = only_scenarios
+        """Run only these scenarios against this target (all when ``None``)."""
         self._base = base_url.rstrip("/")
         self._blocks = f"{self._base}/v1/blocks/"
         self._default_tier = default_tier or name
@@ -43,13 +48,15 @@ class HttpTarget:
             auto_decompress=False,
             headers=headers,
         )
-        self._octet = {"Content-Type": "application/octet-stream"}
+        self._octet = {"Content-Type": _OCTET}
 
     async def put(self, key: str, value: bytes) -> PutStatus:
         return await self._put(key, value, self._octet)
 
     async def _put(self, key: str, value: bytes, headers: dict[str, str]) -> PutStatus:
-        async with self._session.put(self._blocks + key, data=value, headers=headers) as resp:
+        async with self._session.put(
+            self._blocks + key, data=SplitBody(value, content_type=_OCTET), headers=headers
+        ) as resp:
             await resp.read()
             status = _PUT_STATUS.get(resp.status)
             if status is None:
