@@ -94,7 +94,8 @@ async def run(*, blocks: int, block_size: int, concurrency: int, rounds: int) ->
     body = os.urandom(block_size)
     budget = 4 * blocks * block_size * rounds
     async with AsyncExitStack() as stack:
-        url = await stack.enter_async_context(redis_server(max_bytes=2 * budget))
+        # Headroom over the tier's budget: Redis's LRU must never evict the plain keys mid-round.
+        url = await stack.enter_async_context(redis_server(max_bytes=2 * budget + (256 << 20)))
         args = ["--remote", url, "--remote-bytes", str(budget), "--no-shm"]
         a = await stack.enter_async_context(kvgate_server(sizes=KvgateSizes(), extra_args=args))
         b = await stack.enter_async_context(kvgate_server(sizes=KvgateSizes(), extra_args=args))
