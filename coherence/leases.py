@@ -18,6 +18,7 @@ import asyncio
 import enum
 import math
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -414,13 +415,7 @@ class LeaseTable:
         many waiters were woken.
         """
         self._stopped = True
-        woken = 0
-        for lease in self._by_key.values():
-            for fut in lease.waiters:
-                if not fut.done():
-                    fut.set_result(WaitOutcome.TIMEOUT)
-                    woken += 1
-        return woken
+        return sum(time_out(lease.waiters) for lease in self._by_key.values())
 
     def stats(self) -> LeaseStats:
         return LeaseStats(live=self._live, waiters=self._waiting, remembered=len(self._ended))
@@ -428,9 +423,7 @@ class LeaseTable:
     # -- internals ----------------------------------------------------------------------------
 
     def _ttl(self, ttl_ms: object) -> int:
-        if not isinstance(ttl_ms, int) or isinstance(ttl_ms, bool) or ttl_ms < 1:
-            raise BadRequest(f"ttl_ms must be a positive integer, got {ttl_ms!r}")
-        return min(ttl_ms, self.max_ttl_ms)
+        return clamp_ttl(ttl_ms, self.max_ttl_ms)
 
     def _lookup(self, lease_id: str, tenant: str | None) -> _Lease:
         lease = self._by_id.get(lease_id)
@@ -504,6 +497,23 @@ class LeaseTable:
 
     def _wall_ms(self, remaining_ms: int) -> int:
         return math.floor(self._clock.time() * 1000) + remaining_ms
+
+
+def clamp_ttl(ttl_ms: object, max_ttl_ms: int) -> int:
+    """A requested lease TTL, clamped to ``max_ttl_ms``; 400 unless a positive integer."""
+    if not isinstance(ttl_ms, int) or isinstance(ttl_ms, bool) or ttl_ms < 1:
+        raise BadRequest(f"ttl_ms must be a positive integer, got {ttl_ms!r}")
+    return min(ttl_ms, max_ttl_ms)
+
+
+def time_out(waiters: Iterable[asyncio.Future[WaitOutcome]]) -> int:
+    """Answer every still-parked waiter ``TIMEOUT`` (shutdown); how many were woken."""
+    woken = 0
+    for fut in waiters:
+        if not fut.done():
+            fut.set_result(WaitOutcome.TIMEOUT)
+            woken += 1
+    return woken
 
 
 def _owned_by(lease: _Lease, tenant: str | None) -> bool:

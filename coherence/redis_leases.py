@@ -35,7 +35,6 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from coherence.errors import (
-    BadRequest,
     CoherenceConfigError,
     CoherenceError,
     LeaseConflict,
@@ -52,11 +51,14 @@ from coherence.leases import (
     LeaseStats,
     WaitOutcome,
     WritePermit,
+    clamp_ttl,
+    time_out,
 )
 from coherence.sched import LoopScheduler, Scheduler
 from tiers.block import TENANT_SEP
 from tiers.clock import SYSTEM_CLOCK, Clock
 from tiers.remote import DEFAULT_PREFIX, Fence
+from tiers.remote import reply_text as _text
 
 log = logging.getLogger("kvgate.coherence.redis")
 
@@ -378,13 +380,7 @@ class RedisLeaseTable:
 
     def stop_waiting(self) -> int:
         self._stopped = True
-        woken = 0
-        for parked in self._parked.values():
-            for fut in parked.futures:
-                if not fut.done():
-                    fut.set_result(WaitOutcome.TIMEOUT)
-                    woken += 1
-        return woken
+        return sum(time_out(parked.futures) for parked in self._parked.values())
 
     def stats(self) -> LeaseStats:
         """This gateway's view: leases it granted that have not ended, readers parked here."""
@@ -417,9 +413,7 @@ class RedisLeaseTable:
             raise LeaseStoreUnavailable(f"the lease store failed: {exc}") from exc
 
     def _ttl(self, ttl_ms: object) -> int:
-        if not isinstance(ttl_ms, int) or isinstance(ttl_ms, bool) or ttl_ms < 1:
-            raise BadRequest(f"ttl_ms must be a positive integer, got {ttl_ms!r}")
-        return min(ttl_ms, self.max_ttl_ms)
+        return clamp_ttl(ttl_ms, self.max_ttl_ms)
 
     def _now_ms(self) -> int:
         return math.floor(self._clock.time() * 1000)
@@ -428,7 +422,3 @@ class RedisLeaseTable:
 def _done(fut: asyncio.Future[WaitOutcome]) -> None:
     if not fut.done():
         fut.set_result(WaitOutcome.TIMEOUT)
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

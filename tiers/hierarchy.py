@@ -247,21 +247,7 @@ class Hierarchy:
         idx = loc.tier
         tier = self._tiers[idx]
         self._index_misses(key, idx)
-        with child_span("kvgate.tier.get") as span:
-            if span.is_recording():
-                span.set_attributes(key_attrs(key, tier.name))
-            started = self._clock.monotonic()
-            try:
-                block = await tier.get(key)
-            except TierError as exc:
-                log.warning("tier %s failed reading a block; answering a miss: %s", tier.name, exc)
-                note_failure(span, exc, what="get")
-                block = None
-            self.observer.tier_get(tier.name, self._clock.monotonic() - started, block is not None)
-            if span.is_recording():
-                span.set_attribute(ATTR_HIT, block is not None)
-                if block is not None:
-                    span.set_attribute(ATTR_BYTES, block.meta.size)
+        block = await self._read(tier, key)
         if block is None:
             if self._index.get(key) is loc and (loc.tier != idx or key in self._moving):
                 # It moved (a promotion or demotion) while this read awaited: read it there.
@@ -394,24 +380,29 @@ class Hierarchy:
             return StoreOutcome.STORED  # stored where every gateway finds it
         return local
 
+    async def _read(self, tier: Tier | RemoteTier, key: str) -> Block | None:
+        """One traced, timed tier read; a tier that fails is a miss plus a span event."""
+        with child_span("kvgate.tier.get") as span:
+            if span.is_recording():
+                span.set_attributes(key_attrs(key, tier.name))
+            started = self._clock.monotonic()
+            try:
+                block = await tier.get(key)
+            except TierError as exc:
+                log.warning("tier %s failed reading a block; answering a miss: %s", tier.name, exc)
+                note_failure(span, exc, what="get")
+                block = None
+            self.observer.tier_get(tier.name, self._clock.monotonic() - started, block is not None)
+            if span.is_recording():
+                span.set_attribute(ATTR_HIT, block is not None)
+                if block is not None:
+                    span.set_attribute(ATTR_BYTES, block.meta.size)
+        return block
+
     async def _get_shared(self, key: str) -> Hit | None:
         shared = self._shared
         assert shared is not None
-        with child_span("kvgate.tier.get") as span:
-            if span.is_recording():
-                span.set_attributes(key_attrs(key, shared.name))
-            started = self._clock.monotonic()
-            try:
-                block = await shared.get(key)
-            except TierError as exc:
-                log.warning("remote tier failed reading a block; answering a miss: %s", exc)
-                note_failure(span, exc, what="get")
-                block = None
-            self.observer.tier_get(
-                shared.name, self._clock.monotonic() - started, block is not None
-            )
-            if span.is_recording():
-                span.set_attribute(ATTR_HIT, block is not None)
+        block = await self._read(shared, key)
         if block is None:
             return None
         if self._config.promote_on_hit:

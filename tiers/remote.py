@@ -252,7 +252,7 @@ class RemoteTier:
             )
         except (RedisError, OSError) as exc:
             raise TierIOError(f"remote put failed: {exc}") from exc
-        outcome = _OUTCOMES[_text(answer[0])]
+        outcome = _OUTCOMES[reply_text(answer[0])]
         self._evictions += int(answer[1])
         if outcome is PutOutcome.STORED:
             self._used += len(frame)
@@ -329,7 +329,8 @@ _OUTCOMES = {
 }
 
 
-def _text(value: object) -> str:
+def reply_text(value: object) -> str:
+    """A Redis reply (bytes, or str with decode_responses) as text."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
