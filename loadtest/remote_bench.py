@@ -41,7 +41,10 @@ async def _gather_limited(jobs: Sequence[Callable[[], Awaitable[int]]], limit: i
         nonlocal total
         while queue:
             job = queue.pop()
-            total += await job()
+            # Not `total += await job()`: that reads `total` before the await, so the workers
+            # would overwrite each other's counts.
+            done = await job()
+            total += done
 
     await asyncio.gather(*(worker() for _ in range(limit)))
     return total
