@@ -135,6 +135,37 @@ async def test_fence_is_checked_in_the_publishing_step(
         await tier.close()
 
 
+async def test_staged_frames_never_outlive_their_put(
+    redis_url: str, client: aioredis.Redis
+) -> None:
+    """A put SETs its frame under a staging key and the script renames or deletes it: whatever
+    the outcome, no staging key is left and a stored block does not inherit the staging TTL."""
+    size = 8192
+    tier = await RemoteTier.connect(RemoteSettings(url=redis_url, capacity_bytes=2 * size + 400))
+    try:
+        await client.hset("rec", mapping={"token": 7, "live": 1, "deadline_ms": 2000})
+        outcomes = [
+            await tier.put("s/1", _block(size)),
+            await tier.put("s/1", _block(size)),
+            await tier.put("s/2", _block(size), fence=Fence("rec", 6, 1000)),
+            await tier.put("s/3", _block(4 * size)),
+            await tier.put("s/4", _block(size)),
+        ]
+        assert outcomes == [
+            PutOutcome.STORED,
+            PutOutcome.EXISTS,
+            PutOutcome.FENCED,
+            PutOutcome.TOO_LARGE,
+            PutOutcome.STORED,
+        ]
+        assert [k async for k in client.scan_iter(match=f"{tier.prefix}:stage:*")] == []
+        assert await client.pttl(tier.block_key("s/1")) == -1  # no expiry
+        got = await tier.get("s/4")
+        assert got is not None and got.meta.size == size
+    finally:
+        await tier.close()
+
+
 # --- the lease table --------------------------------------------------------------------------
 
 

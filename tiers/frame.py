@@ -312,6 +312,11 @@ def frame_codec(buf: bytes | memoryview) -> str:
     return name
 
 
+def frame_is_raw(buf: bytes | memoryview) -> bool:
+    """Whether a frame stores its payload uncompressed (decoding it is a checksum, no codec)."""
+    return len(buf) >= _FIXED.size and bytes(buf[:4]) == MAGIC and buf[5] == CODEC_RAW
+
+
 def frame_raw_length(buf: bytes | memoryview) -> int:
     """The raw block length a frame's header declares, read without decoding (0 if unreadable)."""
     if len(buf) < _FIXED.size:
@@ -320,22 +325,24 @@ def frame_raw_length(buf: bytes | memoryview) -> int:
     return int(fields[5]) if fields[0] == MAGIC else 0
 
 
-def decode_frame(buf: bytes | memoryview) -> Block:
+def decode_frame(buf: bytes | memoryview, *, owned: bool = False) -> Block:
     """Parse, decompress and verify one frame.
 
-    ``buf`` may be a view into an LMDB map: the returned block owns fresh memory. Raises
+    ``buf`` may be a view into an LMDB map: the returned block owns fresh memory. With
+    ``owned=True`` the caller hands over an immutable buffer nobody will reuse (a value fresh
+    from Redis), and a raw frame's block is a view into it instead of a copy. Raises
     :class:`CorruptBlock` on any malformed, short, truncated or mismatching input, and nothing
     else.
     """
     try:
-        return _decode(memoryview(buf))
+        return _decode(memoryview(buf), owned=owned)
     except CorruptBlock:
         raise
     except Exception as exc:  # the contract: no other exception type escapes a bad frame
         raise CorruptBlock(f"undecodable frame: {exc}") from exc
 
 
-def _decode(view: memoryview) -> Block:
+def _decode(view: memoryview, *, owned: bool) -> Block:
     total = len(view)
     if total < _FIXED.size + _HCHECK.size:
         raise CorruptBlock(f"frame of {total} bytes is shorter than a header")
@@ -381,7 +388,8 @@ def _decode(view: memoryview) -> Block:
     if codec == CODEC_RAW:
         if width != 1 or payload_len != raw_len:
             raise CorruptBlock("raw frame with inconsistent lengths")
-        data = bytes(payload)  # copy: the caller's buffer may be an LMDB page
+        # Unless owned, copy: the caller's buffer may be an LMDB page.
+        data = payload if owned else bytes(payload)
     elif codec == CODEC_ZSTD:
         if width != 1:
             raise CorruptBlock("plain zstd frame with a group width")
