@@ -1,11 +1,12 @@
 """Cross-gateway reads through the shared remote tier, side by side with plain Redis.
 
-Two ``kvgate serve --remote`` gateways share one redis-server. Gateway A stores N blocks; then
-16 concurrent aiohttp clients read each block once through gateway B, so every read is a
-remote hit (Redis -> frame check -> HTTP body). In the same run, redis-py asyncio GETs the same
-number of raw values of the same size from the same redis-server: what a frontend would get
-using Redis as its plain remote store (no checksums, no tiers, no fencing). Alternating rounds
-with fresh keys each; medians.
+Two ``kvgate serve --remote`` gateways share one redis-server. Gateway A stores N blocks
+(timed: every PUT is written through to Redis); then 16 concurrent aiohttp clients read each
+block once through gateway B, so every read is a remote hit (Redis -> frame check -> HTTP
+body). In the same run, redis-py asyncio SETs and then GETs the same number of raw values of the
+same size in the same redis-server, with the same concurrency: what a frontend would get using
+Redis as its plain remote store (no checksums, no tiers, no fencing). Alternating rounds with
+fresh keys each; medians.
 
     python -m loadtest.remote_bench [--blocks 256] [--block-size 1MiB] [--concurrency 16]
         [--rounds 3]
@@ -52,15 +53,18 @@ async def _gather_limited(jobs: Sequence[Callable[[], Awaitable[int]]], limit: i
 
 async def _kvgate_round(
     http: aiohttp.ClientSession, a: str, b: str, *, tag: str, blocks: int, body: bytes, limit: int
-) -> float:
+) -> tuple[float, float]:
+    """(write-through PUT GB/s through A, remote-hit GET GB/s through B)."""
     keys = [f"r{tag}.{i}" for i in range(blocks)]
 
     async def put(key: str) -> int:
         async with http.put(f"{a}/v1/blocks/{key}", data=body) as resp:
             assert resp.status == 201, resp.status
-        return 0
+        return len(body)
 
-    await _gather_limited([partial(put, k) for k in keys], limit)
+    started = time.perf_counter()
+    put_bytes = await _gather_limited([partial(put, k) for k in keys], limit)
+    put_gbps = put_bytes / (time.perf_counter() - started) / 1e9
 
     async def get(key: str) -> int:
         async with http.get(f"{b}/v1/blocks/{key}") as resp:
@@ -70,15 +74,22 @@ async def _kvgate_round(
 
     started = time.perf_counter()
     nbytes = await _gather_limited([partial(get, k) for k in keys], limit)
-    return nbytes / (time.perf_counter() - started) / 1e9
+    return put_gbps, nbytes / (time.perf_counter() - started) / 1e9
 
 
 async def _redis_round(
     client: aioredis.Redis, *, tag: str, blocks: int, body: bytes, limit: int
-) -> float:
+) -> tuple[float, float]:
+    """(SET GB/s, GET GB/s) of raw values."""
     keys = [f"plain{tag}.{i}" for i in range(blocks)]
-    for key in keys:
+
+    async def put(key: str) -> int:
         await client.set(key, body)
+        return len(body)
+
+    started = time.perf_counter()
+    put_bytes = await _gather_limited([partial(put, k) for k in keys], limit)
+    put_gbps = put_bytes / (time.perf_counter() - started) / 1e9
 
     async def get(key: str) -> int:
         data = await client.get(key)
@@ -89,7 +100,7 @@ async def _redis_round(
     nbytes = await _gather_limited([partial(get, k) for k in keys], limit)
     elapsed = time.perf_counter() - started
     await client.delete(*keys)
-    return nbytes / elapsed / 1e9
+    return put_gbps, nbytes / elapsed / 1e9
 
 
 async def run(*, blocks: int, block_size: int, concurrency: int, rounds: int) -> dict[str, object]:
@@ -109,21 +120,27 @@ async def run(*, blocks: int, block_size: int, concurrency: int, rounds: int) ->
         stack.push_async_callback(client.aclose)
         kv: list[float] = []
         plain: list[float] = []
+        kv_put: list[float] = []
+        plain_put: list[float] = []
         for r in range(rounds):
-            kv.append(
-                await _kvgate_round(
-                    http, a, b, tag=str(r), blocks=blocks, body=body, limit=concurrency
-                )
+            wrote, read = await _kvgate_round(
+                http, a, b, tag=str(r), blocks=blocks, body=body, limit=concurrency
             )
-            plain.append(
-                await _redis_round(client, tag=str(r), blocks=blocks, body=body, limit=concurrency)
+            kv_put.append(wrote)
+            kv.append(read)
+            wrote, read = await _redis_round(
+                client, tag=str(r), blocks=blocks, body=body, limit=concurrency
             )
+            plain_put.append(wrote)
+            plain.append(read)
             print(
                 f"round {r + 1}/{rounds}: kvgate remote hit {kv[-1]:.3f} GB/s, "
-                f"redis-py GET {plain[-1]:.3f} GB/s",
+                f"redis-py GET {plain[-1]:.3f} GB/s; kvgate write-through PUT "
+                f"{kv_put[-1]:.3f} GB/s, redis-py SET {plain_put[-1]:.3f} GB/s",
                 file=sys.stderr,
             )
     kv_med, plain_med = statistics.median(kv), statistics.median(plain)
+    put_med, set_med = statistics.median(kv_put), statistics.median(plain_put)
     return {
         "scenario": "remote-get",
         "blocks": blocks,
@@ -135,6 +152,9 @@ async def run(*, blocks: int, block_size: int, concurrency: int, rounds: int) ->
         "kvgate_remote_gbps_median": kv_med,
         "redis_get_gbps_median": plain_med,
         "ratio": kv_med / plain_med if plain_med else None,
+        "kvgate_put_gbps": kv_put,
+        "redis_set_gbps": plain_put,
+        "put_ratio": put_med / set_med if set_med else None,
     }
 
 

@@ -409,3 +409,16 @@ async def test_remote_bench_smoke() -> None:
     result = await run(blocks=4, block_size=64 * 1024, concurrency=2, rounds=1)
     assert result["scenario"] == "remote-get"
     assert result["kvgate_remote_gbps_median"] > 0 and result["redis_get_gbps_median"] > 0
+    assert result["kvgate_put_gbps"][0] > 0 and result["put_ratio"] is not None
+
+
+async def test_remote_bench_counts_every_job_across_workers() -> None:
+    """The byte count is summed across concurrent workers without losing updates (a
+    `total += await job()` race once undercounted both readers about 15x)."""
+    from loadtest.remote_bench import _gather_limited
+
+    async def job() -> int:
+        await asyncio.sleep(0)  # every worker is suspended mid-update at least once
+        return 3
+
+    assert await _gather_limited([job] * 50, 8) == 150
