@@ -126,6 +126,19 @@ def test_incompressible_is_stored_raw() -> None:
     assert bytes(decode_frame(frame).data) == data
 
 
+@pytest.mark.parametrize("dtype", [None, "bfloat16", "uint8"])
+def test_incompressible_head_skips_compression(dtype: str | None) -> None:
+    """Early abort: a block whose first bytes zstd cannot shrink is stored raw, whatever path
+    chose the width, and a compressible block of the same size still compresses."""
+    size = 256 * 1024
+    noise = np.random.default_rng(2).bytes(size)
+    frame = encode_frame(Block.of(noise, dtype=dtype))
+    assert frame_codec(frame) == "raw"
+    assert bytes(decode_frame(frame).data) == noise
+    kv = kv_like(size)
+    assert frame_codec(encode_frame(Block.of(kv, dtype=dtype))) != "raw"
+
+
 def test_dtype_width() -> None:
     assert dtype_width("bfloat16") == 2
     assert dtype_width("torch.float16") == 2
