@@ -6,10 +6,12 @@ Blocks are stored as the same checked frames as on disk (:mod:`tiers.frame`: xxh
 zstd with byte-grouping), so a corrupt or truncated value is a miss, never wrong bytes.
 
 The budget and the eviction order live in Redis, not in any one gateway: a shared tier's
-recency is the recency of all its readers. Each operation is one Lua script, so "check the
-budget, evict the least recently used, store" is atomic across gateways:
+recency is the recency of all its readers. "Check the budget, evict the least recently used,
+publish" is one Lua script, so it is atomic across gateways. The frame itself is staged with a
+plain SET just before, in the same pipeline, and the script RENAMEs it into place:
 
 * ``{prefix}:blk:{key}`` -- a block's frame;
+* ``{prefix}:stage:{uuid}`` -- a frame on its way in (expires after ``STAGE_TTL_MS``);
 * ``{prefix}:lru`` -- sorted set of keys scored by a shared access counter (the LRU order);
 * ``{prefix}:meta`` -- hash of ``bytes``, ``blocks``, ``evictions`` and the counter ``seq``.
 
