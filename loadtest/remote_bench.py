@@ -51,6 +51,13 @@ async def _gather_limited(jobs: Sequence[Callable[[], Awaitable[int]]], limit: i
     return total
 
 
+async def _gbps(job: Callable[[str], Awaitable[int]], keys: Sequence[str], limit: int) -> float:
+    """Run ``job`` once per key, ``limit`` at a time; the bytes it moved per second, in GB/s."""
+    started = time.perf_counter()
+    nbytes = await _gather_limited([partial(job, k) for k in keys], limit)
+    return nbytes / (time.perf_counter() - started) / 1e9
+
+
 async def _kvgate_round(
     http: aiohttp.ClientSession, a: str, b: str, *, tag: str, blocks: int, body: bytes, limit: int
 ) -> tuple[float, float]:
@@ -62,9 +69,7 @@ async def _kvgate_round(
             assert resp.status == 201, resp.status
         return len(body)
 
-    started = time.perf_counter()
-    put_bytes = await _gather_limited([partial(put, k) for k in keys], limit)
-    put_gbps = put_bytes / (time.perf_counter() - started) / 1e9
+    put_gbps = await _gbps(put, keys, limit)
 
     async def get(key: str) -> int:
         async with http.get(f"{b}/v1/blocks/{key}") as resp:
@@ -72,9 +77,7 @@ async def _kvgate_round(
             assert resp.status == 200 and resp.headers["X-KV-Tier"] == "remote"
         return len(data)
 
-    started = time.perf_counter()
-    nbytes = await _gather_limited([partial(get, k) for k in keys], limit)
-    return put_gbps, nbytes / (time.perf_counter() - started) / 1e9
+    return put_gbps, await _gbps(get, keys, limit)
 
 
 async def _redis_round(
@@ -87,20 +90,16 @@ async def _redis_round(
         await client.set(key, body)
         return len(body)
 
-    started = time.perf_counter()
-    put_bytes = await _gather_limited([partial(put, k) for k in keys], limit)
-    put_gbps = put_bytes / (time.perf_counter() - started) / 1e9
+    put_gbps = await _gbps(put, keys, limit)
 
     async def get(key: str) -> int:
         data = await client.get(key)
         assert data is not None
         return len(data)
 
-    started = time.perf_counter()
-    nbytes = await _gather_limited([partial(get, k) for k in keys], limit)
-    elapsed = time.perf_counter() - started
+    get_gbps = await _gbps(get, keys, limit)
     await client.delete(*keys)
-    return put_gbps, nbytes / elapsed / 1e9
+    return put_gbps, get_gbps
 
 
 async def run(*, blocks: int, block_size: int, concurrency: int, rounds: int) -> dict[str, object]:
