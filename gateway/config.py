@@ -118,6 +118,9 @@ class GatewayConfig:
     """When every background demotion to disk is busy, drop the victim instead of making the
     writer wait. Off by default: a block acknowledged with 201 should reach disk while the disk
     has room; turn it on to trade that for PUT throughput under sustained write overload."""
+    land_puts: bool = True
+    """Receive the body of a plain ``PUT /v1/blocks/...`` straight into a buffer instead of
+    through aiohttp's body stream (gateway.landing); ``false`` sends every byte through aiohttp."""
     shm: bool = True
     """Same-host data plane: CPU arenas in shared memory under ``shm_dir`` + /v1/shm/*."""
     shm_dir: str = "/dev/shm"
@@ -147,7 +150,7 @@ _SIZE_FIELDS = frozenset(
 )
 _INT_FIELDS = frozenset({"port", "max_batch_keys", "disk_compression_level", "shm_lease_ms"})
 _FLOAT_FIELDS = frozenset({"shutdown_timeout_s"})
-_BOOL_FIELDS = frozenset({"write_through", "shm", "disk_shed"})
+_BOOL_FIELDS = frozenset({"write_through", "shm", "disk_shed", "land_puts"})
 _STR_FIELDS = frozenset(
     {"host", "hbm_policy", "dram_policy", "disk_policy", "log_level", "shm_dir", "remote_prefix"}
 )

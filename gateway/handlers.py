@@ -35,6 +35,7 @@ from gateway.errors import (
     UnsupportedMediaType,
     json_error,
 )
+from gateway.landing import Landing, take_landing
 from gateway.openapi import spec_bytes
 from gateway.state import GatewayState
 from tiers.block import Block
@@ -305,11 +306,20 @@ class Handlers:
         return _block_response(request, hit.block.meta.etag, hit.tier, hit.block.data)
 
     async def put_block(self, request: web.Request) -> web.Response:
+        # The body may have been received already, straight into a buffer (gateway.landing).
+        landing = take_landing(request)
+        try:
+            return await self._put_block(request, landing)
+        finally:
+            if landing is not None:
+                landing.release()
+
+    async def _put_block(self, request: web.Request, landing: Landing | None) -> web.Response:
         key = check_key(request.match_info["key"])
         state = self._state
         ctx = await state.resolve(request)
         limit = self._config.max_block_bytes
-        length = request.content_length
+        length = request.content_length if landing is None else landing.length
         if length is not None and length > limit:
             raise PayloadTooLarge(f"body of {length} bytes; the limit is {limit}")
         headers = request.headers
@@ -322,7 +332,11 @@ class Handlers:
         # Refuse a fenced-off writer before reading a body that could never be stored.
         await coherent.check_write(scoped, token)
         # The whole body is staged in memory first: a writer that dies mid-upload leaves nothing.
-        data = await read_body(request, limit)
+        data: bytes | memoryview
+        if landing is None:
+            data = await read_body(request, limit)
+        else:
+            data = await landing.read()
         expires_at = None if ttl is None else state.clock.time() + ttl
         block = Block.of(data, dtype=dtype, shape=shape, expires_at=expires_at)
         outcome = await coherent.put(ctx, scoped, block, token=token)

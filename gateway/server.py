@@ -12,6 +12,7 @@ from aiohttp import web
 
 from gateway.app import HierarchyFactory, create_app
 from gateway.config import GatewayConfig, format_size
+from gateway.landing import BufferPool, protocol_factory
 from gateway.state import STATE
 from tiers.clock import SYSTEM_CLOCK, Clock
 
@@ -60,6 +61,36 @@ def make_runner(app: web.Application, config: GatewayConfig) -> web.AppRunner:
     )
 
 
+async def listen(
+    runner: web.AppRunner,
+    config: GatewayConfig,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+) -> asyncio.Server:
+    """Accept connections for ``runner`` (set up already) on ``host:port`` (the config's unless
+    given). With ``land_puts`` each connection's protocol is a :class:`~gateway.landing.
+    LandingProtocol` in front of aiohttp's; close the server before ``runner.cleanup()``."""
+    server = runner.server
+    if server is None:
+        raise RuntimeError("listen() needs a runner that has been set up")
+    factory: Callable[[], asyncio.BaseProtocol] = server
+    if config.land_puts:
+        factory = protocol_factory(server, pool=BufferPool(), max_body=config.max_block_bytes)
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(
+        factory,
+        config.host if host is None else host,
+        config.port if port is None else port,
+        backlog=128,
+        reuse_address=True,
+    )
+
+
+def urls_of(server: asyncio.Server) -> list[str]:
+    return [_url(sock.getsockname()) for sock in server.sockets]
+
+
 async def serve(
     config: GatewayConfig,
     *,
@@ -82,16 +113,18 @@ async def serve(
             pass
     try:
         await runner.setup()  # builds and opens the hierarchy (cleanup_ctx)
+        listener: asyncio.Server | None = None
         try:
-            site = web.TCPSite(runner, config.host, config.port)
-            await site.start()
-            urls = [_url(a) for a in runner.addresses]
+            listener = await listen(runner, config)
+            urls = urls_of(listener)
             log.info("kvgate serving on %s -- tiers: %s", " ".join(urls), describe_tiers(app))
             if on_ready is not None:
                 on_ready(urls)
             await stop.wait()
             log.info("shutting down: finishing requests, spilling volatile tiers to disk")
         finally:
+            if listener is not None:
+                listener.close()  # no new connections; the runner finishes the open ones
             await runner.cleanup()
         log.info("stopped cleanly")
     finally:

@@ -15,7 +15,7 @@ from aiohttp import web
 from coherence.sched import FakeScheduler
 from gateway.app import create_app
 from gateway.config import GatewayConfig, MiB
-from gateway.server import make_runner
+from gateway.server import listen, make_runner
 from gateway.state import STATE
 from tiers.clock import FakeClock
 from tiers.hierarchy import Hierarchy
@@ -59,12 +59,15 @@ async def running_gateway(data_dir: Path, **overrides: Any) -> AsyncIterator[Run
     app = create_app(config, clock=clock, scheduler=scheduler)
     runner = make_runner(app, config)
     await runner.setup()
+    listener = None
     try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
+        # The server's own listener (gateway.landing in front of aiohttp), as `kvgate serve`.
+        listener = await listen(runner, config, host="127.0.0.1", port=0)
+        port = listener.sockets[0].getsockname()[1]
         yield RunningGateway(f"http://127.0.0.1:{port}", app, clock, config, scheduler)
     finally:
+        if listener is not None:
+            listener.close()
         await runner.cleanup()
 
 

@@ -114,3 +114,14 @@ async def test_space_is_reused_without_creep(tier: Tier) -> None:
             assert got is not None and bytes(got.data) == payload(key, len(got.data))
             assert await tier.delete(key)
         assert tier.stats().used_bytes == 0
+
+
+async def test_put_keeps_no_reference_to_the_callers_buffer(tier: Tier) -> None:
+    # The gateway receives PUT bodies into pooled buffers (gateway.landing) and reuses them as
+    # soon as put returns: a tier must copy (or encode) the bytes, never keep the view.
+    data = payload("reused", 3 * PAGE + 5)
+    buffer = bytearray(data)
+    assert await tier.put("t/k", Block.of(memoryview(buffer))) is PutOutcome.STORED
+    buffer[:] = bytes(len(buffer))
+    got = await tier.get("t/k")
+    assert got is not None and bytes(got.data) == data

@@ -1,0 +1,338 @@
+"""Block PUT bodies received straight into a buffer, past aiohttp's body path.
+
+aiohttp receives a body as the transport's ``bytes`` chunks, copies each one again in its C
+parser, queues them in a ``StreamReader`` and joins them on ``read()``: about 570 us of CPU per
+MiB before a handler runs (docs/perf.md, "The floor for PUT"). :class:`LandingProtocol` sits in
+front of aiohttp's own protocol on the same socket. It frames each request itself (head, then
+``Content-Length`` bytes) and hands aiohttp every byte unchanged, except for the body of a
+plain ``PUT /v1/blocks/...``: that one the kernel writes with ``recv_into`` straight into a
+pooled buffer (a :class:`Landing`), and aiohttp sees the same head with ``Content-Length: 0``
+plus an :data:`LANDING_HEADER` naming the landing. Routing, middleware, auth, telemetry and
+errors stay aiohttp's; ``put_block`` takes the body from the landing instead of the stream.
+
+Anything unusual goes through untouched: a chunked body, ``Expect``, ``Upgrade``, HTTP/1.0, a
+head aiohttp would refuse, a body over the block limit (aiohttp answers 413 as before). Once a
+connection carries something this framing cannot follow (chunked, upgrade, an unparseable
+head), the rest of it is passed through as it comes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections import OrderedDict
+from collections.abc import Callable
+
+from aiohttp import web
+
+log = logging.getLogger("kvgate.landing")
+
+LANDING_HEADER = "X-KVGate-Landing"
+_LANDING_HEADER_LOWER = LANDING_HEADER.lower().encode()
+_PREFIX = b"/v1/blocks/"
+# aiohttp's own head limits (gateway.server) are 64 KiB for the line and 16 KiB per field; a
+# head this framing cannot find the end of within this many bytes is passed through as is.
+MAX_HEAD_BYTES = 128 * 1024
+READ_CHUNK = 256 * 1024  # what asyncio's selector transport reads at a time anyway
+# Landings of one connection that no handler has taken yet. aiohttp answers a connection's
+# requests in order, so past a few the client is pipelining: those go the ordinary way.
+MAX_PENDING = 4
+
+
+class BufferPool:
+    """Reusable body buffers, by exact size, at most ``idle_bytes`` of them kept idle.
+
+    Receiving into a fresh ``bytearray`` zero-fills it first (and faults its pages in); blocks
+    come in a few sizes, so the previous block's buffer usually fits the next one.
+    """
+
+    def __init__(self, *, idle_bytes: int = 64 * 1024 * 1024) -> None:
+        self._idle_limit = idle_bytes
+        self._idle_bytes = 0
+        self._free: dict[int, list[bytearray]] = {}
+        self.reused = 0
+        self.allocated = 0
+
+    def take(self, size: int) -> bytearray:
+        free = self._free.get(size)
+        if free:
+            self.reused += 1
+            self._idle_bytes -= size
+            return free.pop()
+        self.allocated += 1
+        return bytearray(size)
+
+    def give(self, buffer: bytearray) -> None:
+        size = len(buffer)
+        if self._idle_bytes + size > self._idle_limit:
+            return
+        self._free.setdefault(size, []).append(buffer)
+        self._idle_bytes += size
+
+    @property
+    def idle_bytes(self) -> int:
+        return self._idle_bytes
+
+
+class Landing:
+    """One PUT body being received into a pooled buffer.
+
+    The handler awaits :meth:`read` and calls :meth:`release` when it no longer needs the
+    bytes. The buffer goes back to the pool only once both have happened: released *and* fully
+    received (or the connection gone), so a handler that answers early (401, 409) never hands
+    out a buffer the socket is still writing into.
+    """
+
+    __slots__ = ("_buffer", "_done", "_pool", "_released", "filled", "length", "view")
+
+    def __init__(self, pool: BufferPool, length: int, loop: asyncio.AbstractEventLoop) -> None:
+        self._pool = pool
+        self._buffer = pool.take(length)
+        self.view = memoryview(self._buffer)
+        self.length = length
+        self.filled = 0
+        self._done: asyncio.Future[None] = loop.create_future()
+        self._released = False
+
+    @property
+    def complete(self) -> bool:
+        return self._done.done()
+
+    def remaining_view(self) -> memoryview:
+        return self.view[self.filled :]
+
+    def received(self, n: int) -> bool:
+        """``n`` more bytes are in; ``True`` once the whole body is."""
+        self.filled += n
+        if self.filled < self.length:
+            return False
+        self._done.set_result(None)
+        self._recycle()
+        return True
+
+    def abort(self, exc: BaseException) -> None:
+        if not self._done.done():
+            self._done.set_exception(exc)
+            self._done.exception()  # a handler may never ask: do not log it as lost
+            self._recycle()
+
+    async def read(self) -> memoryview:
+        """The whole body (valid until :meth:`release`); raises if the connection dropped."""
+        await asyncio.shield(self._done)
+        return self.view
+
+    def release(self) -> None:
+        self._released = True
+        self._recycle()
+
+    def _recycle(self) -> None:
+        if self._released and self._done.done() and self._buffer is not None:
+            buffer, self._buffer = self._buffer, None  # type: ignore[assignment]
+            if self._done.exception() is None:
+                self._pool.give(buffer)
+
+
+class _Mode:
+    HEAD = 0
+    PASS = 1  # a known number of body bytes for aiohttp
+    LAND = 2  # a body into the current landing
+    THROUGH = 3  # everything to aiohttp from here on
+
+
+class LandingProtocol(asyncio.BufferedProtocol):
+    """The transport's protocol: frames requests, lands block bodies, feeds aiohttp the rest."""
+
+    def __init__(self, inner: asyncio.Protocol, *, pool: BufferPool, max_body: int) -> None:
+        self._inner = inner
+        self._pool = pool
+        self._max_body = max_body
+        self._scratch = bytearray(READ_CHUNK)
+        self._scratch_view = memoryview(self._scratch)
+        self._head = bytearray()
+        self._mode = _Mode.HEAD
+        self._pass_left = 0
+        self._landing: Landing | None = None
+        self._pending: OrderedDict[str, Landing] = OrderedDict()
+        self._loop = asyncio.get_running_loop()
+
+    # -- what aiohttp's handler calls -------------------------------------------------------
+
+    def take(self, landing_id: str) -> Landing | None:
+        if landing_id not in self._pending:
+            return None
+        # Requests are answered in order, so landings that came before this one and were not
+        # taken never will be (their handler answered without the body); they are complete.
+        while True:
+            key, landing = self._pending.popitem(last=False)
+            if key == landing_id:
+                return landing
+            landing.release()
+
+    # -- asyncio.BufferedProtocol -----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        error = ConnectionResetError("the connection closed before the body was complete")
+        for landing in self._pending.values():
+            landing.abort(error)
+            landing.release()
+        self._pending.clear()
+        if self._landing is not None:
+            self._landing.abort(error)
+            self._landing = None
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._mode == _Mode.LAND and self._landing is not None:
+            return self._landing.remaining_view()
+        return self._scratch_view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._mode == _Mode.LAND and self._landing is not None:
+            if self._landing.received(nbytes):
+                self._landing = None
+                self._mode = _Mode.HEAD
+            return
+        self._consume(self._scratch_view[:nbytes])
+
+    # -- framing ----------------------------------------------------------------------------
+
+    def _feed(self, data: bytes | bytearray | memoryview) -> None:
+        self._inner.data_received(bytes(data))
+
+    def _consume(self, data: memoryview) -> None:
+        while data:
+            mode = self._mode
+            if mode == _Mode.THROUGH:
+                self._feed(data)
+                return
+            if mode == _Mode.PASS:
+                take = min(len(data), self._pass_left)
+                self._feed(data[:take])
+                data = data[take:]
+                self._pass_left -= take
+                if self._pass_left == 0:
+                    self._mode = _Mode.HEAD
+                continue
+            if mode == _Mode.LAND:
+                landing = self._landing
+                assert landing is not None
+                take = min(len(data), landing.length - landing.filled)
+                landing.remaining_view()[:take] = data[:take]
+                data = data[take:]
+                if landing.received(take):
+                    self._landing = None
+                    self._mode = _Mode.HEAD
+                continue
+            # HEAD: collect until the blank line
+            start = max(0, len(self._head) - 3)
+            self._head += data
+            data = data[len(data) :]
+            end = self._head.find(b"\r\n\r\n", start)
+            if end < 0:
+                if len(self._head) > MAX_HEAD_BYTES:
+                    self._through()
+                return
+            head = bytes(self._head[: end + 4])
+            rest = bytes(self._head[end + 4 :])
+            self._head.clear()
+            self._on_head(head)
+            data = memoryview(rest)
+
+    def _through(self) -> None:
+        self._mode = _Mode.THROUGH
+        if self._head:
+            head, self._head = self._head, bytearray()
+            self._feed(head)
+
+    def _on_head(self, head: bytes) -> None:
+        parsed = _parse_head(head)
+        if parsed is None:
+            # aiohttp decides what this is; whatever comes after, it reads on its own.
+            self._head = bytearray(head)
+            self._through()
+            return
+        lines, length, content_line, plain = parsed
+        method, target, version = lines[0].split(b" ")
+        if (
+            not plain
+            or method != b"PUT"
+            or version != b"HTTP/1.1"
+            or not target.startswith(_PREFIX)
+            or not 0 < length <= self._max_body
+            or len(self._pending) >= MAX_PENDING
+        ):
+            self._feed(head)
+            if length:
+                self._mode = _Mode.PASS
+                self._pass_left = length
+            return
+        landing = Landing(self._pool, length, self._loop)
+        landing_id = secrets.token_hex(12)
+        lines[content_line] = b"Content-Length: 0"
+        lines.append(f"{LANDING_HEADER}: {landing_id}".encode())
+        self._pending[landing_id] = landing
+        self._landing = landing
+        self._mode = _Mode.LAND
+        self._feed(b"\r\n".join(lines) + b"\r\n\r\n")
+
+
+def _parse_head(head: bytes) -> tuple[list[bytes], int, int, bool] | None:
+    """``(lines, content_length, index of its line or -1, plain)`` of a head whose body this
+    framing can measure, ``None`` for one it cannot (chunked, upgrade, malformed). ``plain``:
+    nothing in it (``Expect``, a client's own landing header) rules out landing the body."""
+    lines = head[:-4].split(b"\r\n")
+    if lines[0].count(b" ") != 2:
+        return None
+    length = 0
+    content_line = -1
+    plain = True
+    for i in range(1, len(lines)):
+        name, sep, value = lines[i].partition(b":")
+        if not sep:
+            return None
+        lname = name.strip().lower()
+        if lname == b"content-length":
+            value = value.strip()
+            if content_line >= 0 or not value.isdigit():
+                return None
+            length = int(value)
+            content_line = i
+        elif lname in (b"transfer-encoding", b"upgrade"):
+            return None
+        elif lname in (b"expect", _LANDING_HEADER_LOWER):
+            plain = False
+    return lines, length, content_line, plain
+
+
+def take_landing(request: web.BaseRequest) -> Landing | None:
+    """The landed body of ``request``, if :class:`LandingProtocol` received it."""
+    landing_id = request.headers.get(LANDING_HEADER)
+    if landing_id is None:
+        return None
+    transport = request.transport
+    protocol = transport.get_protocol() if transport is not None else None
+    if not isinstance(protocol, LandingProtocol):
+        return None
+    return protocol.take(landing_id)
+
+
+def protocol_factory(
+    inner: Callable[[], asyncio.Protocol], *, pool: BufferPool, max_body: int
+) -> Callable[[], LandingProtocol]:
+    def make() -> LandingProtocol:
+        return LandingProtocol(inner(), pool=pool, max_body=max_body)
+
+    return make
