@@ -9,6 +9,7 @@ it for a victim, then moves the block down with :meth:`Tier.evict`). A backend f
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -154,3 +155,35 @@ class HeldBlock:
 
     def release(self) -> None:
         return None
+
+
+# -- evictions without a copy ----------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Loan:
+    """An evicted block whose bytes still lie in the tier's storage: ``block.data`` views them.
+
+    The block has left the tier (it no longer contains the key), but the storage stays reserved
+    and charged until :meth:`end`, so the hierarchy can store it one tier down straight from
+    there. ``end`` is idempotent; nobody may touch ``block.data`` after it.
+    """
+
+    block: Block
+    _end: Callable[[], None]
+    _ended: bool = False
+
+    def end(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self._end()
+
+
+@runtime_checkable
+class LendingTier(Protocol):
+    """A tier that can evict a block without copying it out (see :class:`Loan`)."""
+
+    def lend(self, key: str) -> Loan | None:
+        """Evict ``key`` as a loan; ``None`` when it is absent or cannot be lent (then the
+        caller uses :meth:`Tier.evict`)."""
+        ...

@@ -24,7 +24,16 @@ from typing import Any, cast
 from opentelemetry import trace
 from opentelemetry.trace import Span
 
-from tiers.base import HeldBlock, PinnableTier, PinnedBlock, PutOutcome, Tier, TierStats
+from tiers.base import (
+    HeldBlock,
+    LendingTier,
+    Loan,
+    PinnableTier,
+    PinnedBlock,
+    PutOutcome,
+    Tier,
+    TierStats,
+)
 from tiers.block import TENANT_SEP, Block, split_key
 from tiers.clock import SYSTEM_CLOCK, Clock
 from tiers.errors import TierConfigError, TierError
@@ -114,6 +123,8 @@ class Hierarchy:
         self._locks = [asyncio.Lock() for _ in tiers]
         self._index: dict[str, _Loc] = {}
         self._moving: dict[str, Hit] = {}
+        # Blocks in _moving whose bytes are a loan (tiers.base.Loan) of the tier they left.
+        self._loaned: dict[str, Loan] = {}
         self._deleted_while_moving: set[str] = set()
         self._storing: dict[str, asyncio.Future[StoreOutcome]] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -129,6 +140,7 @@ class Hierarchy:
         """Per-operation metrics (:mod:`tiers.observe`); the application may replace it."""
         # isinstance against a runtime Protocol is slow: decided once, not per read.
         self._pinnable = [isinstance(t, PinnableTier) for t in self._tiers]
+        self._lending = [isinstance(t, LendingTier) for t in self._tiers]
         spill_behind = self._config.spill_behind
         self._shed = [0] * len(tiers)
         self._spill_slots = asyncio.Semaphore(spill_behind) if spill_behind > 0 else None
@@ -230,6 +242,11 @@ class Hierarchy:
                 self.observer.block_read(tenant, None)
                 return None
             self.observer.block_read(tenant, moving.tier)
+            if key in self._loaned:
+                # Lent pages are reused once the move ends, and a reader may hold the bytes
+                # longer than that (a response waiting on a slow socket): it gets a copy.
+                lent = moving.block
+                return Hit(Block(bytes(lent.data), lent.meta), moving.tier)
             return moving
         loc = self._index.get(key)
         if loc is None:
@@ -706,12 +723,29 @@ class Hierarchy:
                 span.set_attribute(ATTR_OUTCOME, "shed")
             return
         self._policies[i].on_remove(key)
+        # A loan skips the copy out of an arena: the next tier stores straight from its pages.
+        # Not for a write-behind spill: that must give the pages back before the disk is done.
+        write_behind = i + 1 == self._persistent and self._spill_slots is not None
+        lend = self._lending[i] and not write_behind
+        loan = cast(LendingTier, tier).lend(key) if lend else None
         try:
-            block = await tier.evict(key)
-        except TierError as exc:
-            log.warning("tier %s failed evicting a block: %s", tier.name, exc)
-            note_failure(span, exc, what="evict")
-            block = None
+            await self._demote_block(i, key, loan, span)
+        finally:
+            if loan is not None and key not in self._loaned:
+                loan.end()  # not handed to a move (which ends it once stored below)
+
+    async def _demote_block(self, i: int, key: str, loan: Loan | None, span: Span) -> None:
+        tier = self._tiers[i]
+        block: Block | None
+        if loan is not None:
+            block = loan.block
+        else:
+            try:
+                block = await tier.evict(key)
+            except TierError as exc:
+                log.warning("tier %s failed evicting a block: %s", tier.name, exc)
+                note_failure(span, exc, what="evict")
+                block = None
         if block is not None and span.is_recording():
             span.set_attribute(ATTR_BYTES, block.meta.size)
         loc = self._index.get(key)
@@ -738,6 +772,8 @@ class Hierarchy:
             span.update_name("kvgate.tier.demote")
             span.set_attribute(ATTR_TARGET, self._tiers[below].name)
         self._moving[key] = Hit(block, tier.name)
+        if loan is not None:
+            self._loaned[key] = loan  # _move_down ends it
         if below == self._persistent and self._spill_slots is not None:
             # Write-behind: the block leaves this tier now (readable from memory while it moves)
             # and the slow durable write runs in the background, so a put making room here does
@@ -757,6 +793,9 @@ class Hierarchy:
             outcome = await self._store_at(below, key, block)
         finally:
             del self._moving[key]
+            loan = self._loaned.pop(key, None)
+            if loan is not None:
+                loan.end()
             if span is None and self._spill_slots is not None:
                 self._spill_slots.release()
         if span is not None and span.is_recording():

@@ -26,7 +26,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span
 
 from tiers.allocator import PageAllocator, Run
-from tiers.base import Placement, PutOutcome, TierStats
+from tiers.base import Loan, Placement, PutOutcome, TierStats
 from tiers.block import Block, BlockMeta
 from tiers.errors import TierClosed, TierConfigError
 from tiers.ledger import CapacityLedger
@@ -203,6 +203,19 @@ class ArenaTier:
             self._drop(key)
             self._evictions += 1
         return Block(data, entry.meta)
+
+    def lend(self, key: str) -> Loan | None:
+        """Evict ``key`` without copying it out (tiers.base.LendingTier): a block of one run in
+        a CPU arena is lent as a view of its pages, which stay charged until the loan ends."""
+        entry = self._entries.get(key)
+        view = self._view
+        if entry is None or view is None or len(entry.runs) != 1:
+            return None
+        entry.pins += 1  # the loan holds the pages the way a reader's pin does
+        self._drop(key)
+        self._evictions += 1
+        start, stop = entry.runs[0]
+        return Loan(Block(view[start:stop], entry.meta), lambda: self._unpin(entry))
 
     def stats(self) -> TierStats:
         snap = self._ledger.snapshot()
