@@ -35,6 +35,9 @@ _PREFIX = b"/v1/blocks/"
 # head this framing cannot find the end of within this many bytes is passed through as is.
 MAX_HEAD_BYTES = 128 * 1024
 READ_CHUNK = 256 * 1024  # what asyncio's selector transport reads at a time anyway
+# Between requests the socket is read in small pieces: a big read would pull the start of the
+# next body in with its head, and every byte of it would then be copied again into the landing.
+HEAD_CHUNK = 8 * 1024
 # Landings of one connection that no handler has taken yet. aiohttp answers a connection's
 # requests in order, so past a few the client is pipelining: those go the ordinary way.
 MAX_PENDING = 4
@@ -147,8 +150,9 @@ class LandingProtocol(asyncio.BufferedProtocol):
         self._inner = inner
         self._pool = pool
         self._max_body = max_body
-        self._scratch = bytearray(READ_CHUNK)
-        self._scratch_view = memoryview(self._scratch)
+        self._scratch_view = memoryview(bytearray(READ_CHUNK))
+        self._head_view = memoryview(bytearray(HEAD_CHUNK))
+        self._reading = self._scratch_view
         self._head = bytearray()
         self._mode = _Mode.HEAD
         self._pass_left = 0
@@ -197,7 +201,8 @@ class LandingProtocol(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._mode == _Mode.LAND and self._landing is not None:
             return self._landing.remaining_view()
-        return self._scratch_view
+        self._reading = self._head_view if self._mode == _Mode.HEAD else self._scratch_view
+        return self._reading
 
     def buffer_updated(self, nbytes: int) -> None:
         if self._mode == _Mode.LAND and self._landing is not None:
@@ -205,7 +210,7 @@ class LandingProtocol(asyncio.BufferedProtocol):
                 self._landing = None
                 self._mode = _Mode.HEAD
             return
-        self._consume(self._scratch_view[:nbytes])
+        self._consume(self._reading[:nbytes])
 
     # -- framing ----------------------------------------------------------------------------
 
