@@ -103,3 +103,27 @@ async def test_with_shedding_a_busy_disk_drops_the_victim_instead_of_waiting() -
     slow.gate.set()
     await h.quiesce()
     assert h.locate("a") == "slow" and h.locate("c") == "hbm"
+
+
+async def test_a_writer_cancelled_while_waiting_for_a_slot_still_spills_its_victim() -> None:
+    slow = GatedTier()
+    h = Hierarchy(
+        [ArenaTier("hbm", PAGE, page_bytes=PAGE), slow],
+        config=HierarchyConfig(spill_behind=1),
+    )
+    await h.put("a", block("a"))
+    await h.put("b", block("b"))  # "a" in flight: the one slot is taken
+    third = asyncio.ensure_future(h.put("c", block("c")))  # evicts "b", waits for the slot
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert not third.done()
+    third.cancel()
+    await asyncio.gather(third, return_exceptions=True)
+    slow.gate.set()
+    await h.quiesce()
+    # "b" reached the slow tier instead of staying in flight forever.
+    assert h.locate("a") == "slow" and h.locate("b") == "slow"
+    hit = await h.get("b")
+    assert hit is not None and hit.tier == "slow"
+    assert bytes(hit.block.data) == bytes(block("b").data)
+    assert await h.put("c", block("c")) is StoreOutcome.STORED

@@ -778,12 +778,24 @@ class Hierarchy:
             # Write-behind: the block leaves this tier now (readable from memory while it moves)
             # and the slow durable write runs in the background, so a put making room here does
             # not wait for the disk. Only spill_behind writes at a time: past that, it waits.
-            await self._spill_slots.acquire()
+            try:
+                await self._spill_slots.acquire()
+            except asyncio.CancelledError:
+                # The writer that wanted the room gave up, but the victim has left this tier
+                # already: its move goes on in the background instead of stranding it in
+                # _moving (readable, yet unstorable and never freed).
+                self._spawn(self._spill_when_free(i, below, key, loc, block))
+                raise
             if span.is_recording():
                 span.set_attribute(ATTR_OUTCOME, "spilling")  # the span ends before the write
             self._spawn(self._move_down(i, below, key, loc, block, span=None))
             return
         await self._move_down(i, below, key, loc, block, span=span)
+
+    async def _spill_when_free(self, i: int, below: int, key: str, loc: _Loc, block: Block) -> None:
+        assert self._spill_slots is not None
+        await self._spill_slots.acquire()
+        await self._move_down(i, below, key, loc, block, span=None)
 
     async def _move_down(
         self, i: int, below: int, key: str, loc: _Loc, block: Block, *, span: Span | None
