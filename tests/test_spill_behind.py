@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from tiers.base import PutOutcome
 from tiers.block import Block
@@ -29,16 +30,20 @@ class GatedTier(ArenaTier):
         return await super().put(key, block)
 
 
+def gated(**config: Any) -> tuple[GatedTier, Hierarchy]:
+    """A one-page hbm over a gated persistent tier, with write-behind ``config``."""
+    slow = GatedTier()
+    return slow, Hierarchy(
+        [ArenaTier("hbm", PAGE, page_bytes=PAGE), slow], config=HierarchyConfig(**config)
+    )
+
+
 def block(tag: str) -> Block:
     return Block.of(tag.encode() * (PAGE // len(tag)))
 
 
 async def test_a_put_does_not_wait_for_the_disk_and_the_victim_stays_readable() -> None:
-    slow = GatedTier()
-    h = Hierarchy(
-        [ArenaTier("hbm", PAGE, page_bytes=PAGE), slow],
-        config=HierarchyConfig(spill_behind=2),
-    )
+    slow, h = gated(spill_behind=2)
     assert await h.put("a", block("a")) is StoreOutcome.STORED
     # "b" pushes "a" to the slow tier; the put returns while that write is still held.
     assert await asyncio.wait_for(h.put("b", block("b")), 1.0) is StoreOutcome.STORED
@@ -54,11 +59,7 @@ async def test_a_put_does_not_wait_for_the_disk_and_the_victim_stays_readable() 
 
 
 async def test_a_delete_during_the_background_move_wins() -> None:
-    slow = GatedTier()
-    h = Hierarchy(
-        [ArenaTier("hbm", PAGE, page_bytes=PAGE), slow],
-        config=HierarchyConfig(spill_behind=1),
-    )
+    slow, h = gated(spill_behind=1)
     await h.put("a", block("a"))
     await h.put("b", block("b"))
     assert await h.delete("a")
@@ -70,11 +71,7 @@ async def test_a_delete_during_the_background_move_wins() -> None:
 
 
 async def test_past_spill_behind_a_put_waits_for_a_slot() -> None:
-    slow = GatedTier()
-    h = Hierarchy(
-        [ArenaTier("hbm", PAGE, page_bytes=PAGE), slow],
-        config=HierarchyConfig(spill_behind=1),
-    )
+    slow, h = gated(spill_behind=1)
     await h.put("a", block("a"))
     await h.put("b", block("b"))  # "a" in flight: the one slot is taken
     third = asyncio.ensure_future(h.put("c", block("c")))  # must move "b": waits for the slot
@@ -89,11 +86,7 @@ async def test_past_spill_behind_a_put_waits_for_a_slot() -> None:
 
 
 async def test_with_shedding_a_busy_disk_drops_the_victim_instead_of_waiting() -> None:
-    slow = GatedTier()
-    h = Hierarchy(
-        [ArenaTier("hbm", PAGE, page_bytes=PAGE), slow],
-        config=HierarchyConfig(spill_behind=1, shed_when_disk_behind=True),
-    )
+    slow, h = gated(spill_behind=1, shed_when_disk_behind=True)
     await h.put("a", block("a"))
     await h.put("b", block("b"))  # "a" takes the one slot
     # "c" needs "b" out while the disk is busy: "b" is dropped and the put does not wait.
@@ -106,11 +99,7 @@ async def test_with_shedding_a_busy_disk_drops_the_victim_instead_of_waiting() -
 
 
 async def test_a_writer_cancelled_while_waiting_for_a_slot_still_spills_its_victim() -> None:
-    slow = GatedTier()
-    h = Hierarchy(
-        [ArenaTier("hbm", PAGE, page_bytes=PAGE), slow],
-        config=HierarchyConfig(spill_behind=1),
-    )
+    slow, h = gated(spill_behind=1)
     await h.put("a", block("a"))
     await h.put("b", block("b"))  # "a" in flight: the one slot is taken
     third = asyncio.ensure_future(h.put("c", block("c")))  # evicts "b", waits for the slot
