@@ -44,20 +44,32 @@ MAX_PENDING = 4
 
 
 class BufferPool:
-    """Reusable body buffers, by exact size, at most ``idle_bytes`` of them kept idle.
+    """Body buffers: at most ``busy_bytes`` handed out at once, reused by exact size, at most
+    ``idle_bytes`` of them kept idle.
 
-    Receiving into a fresh ``bytearray`` zero-fills it first (and faults its pages in); blocks
-    come in a few sizes, so the previous block's buffer usually fits the next one.
+    A landing buffer is allocated when the head arrives, at the size the head announces, before
+    a byte of the body is in. The busy cap keeps that from being a lever: heads announcing big
+    bodies on many connections get the ordinary path (memory as bytes arrive) once the cap is
+    reached. Receiving into a fresh ``bytearray`` zero-fills it first, and blocks come in a few
+    sizes, so the previous block's buffer usually fits the next one.
     """
 
-    def __init__(self, *, idle_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(
+        self, *, busy_bytes: int = 512 * 1024 * 1024, idle_bytes: int = 64 * 1024 * 1024
+    ) -> None:
+        self._busy_limit = busy_bytes
         self._idle_limit = idle_bytes
+        self._busy_bytes = 0
         self._idle_bytes = 0
         self._free: dict[int, list[bytearray]] = {}
         self.reused = 0
         self.allocated = 0
 
-    def take(self, size: int) -> bytearray:
+    def take(self, size: int) -> bytearray | None:
+        """A buffer of ``size`` bytes, or ``None`` when that would pass the busy cap."""
+        if self._busy_bytes + size > self._busy_limit:
+            return None
+        self._busy_bytes += size
         free = self._free.get(size)
         if free:
             self.reused += 1
@@ -66,9 +78,11 @@ class BufferPool:
         self.allocated += 1
         return bytearray(size)
 
-    def give(self, buffer: bytearray) -> None:
+    def give(self, buffer: bytearray, *, reuse: bool = True) -> None:
+        """``buffer`` is no longer used; ``reuse=False`` drops it instead of keeping it."""
         size = len(buffer)
-        if self._idle_bytes + size > self._idle_limit:
+        self._busy_bytes -= size
+        if not reuse or self._idle_bytes + size > self._idle_limit:
             return
         self._free.setdefault(size, []).append(buffer)
         self._idle_bytes += size
@@ -76,6 +90,10 @@ class BufferPool:
     @property
     def idle_bytes(self) -> int:
         return self._idle_bytes
+
+    @property
+    def busy_bytes(self) -> int:
+        return self._busy_bytes
 
 
 class Landing:
@@ -89,11 +107,13 @@ class Landing:
 
     __slots__ = ("_buffer", "_done", "_pool", "_released", "filled", "length", "view")
 
-    def __init__(self, pool: BufferPool, length: int, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, pool: BufferPool, buffer: bytearray, loop: asyncio.AbstractEventLoop
+    ) -> None:
         self._pool = pool
-        self._buffer = pool.take(length)
-        self.view = memoryview(self._buffer)
-        self.length = length
+        self._buffer = buffer
+        self.view = memoryview(buffer)
+        self.length = len(buffer)
         self.filled = 0
         self._done: asyncio.Future[None] = loop.create_future()
         self._released = False
@@ -132,8 +152,7 @@ class Landing:
     def _recycle(self) -> None:
         if self._released and self._done.done() and self._buffer is not None:
             buffer, self._buffer = self._buffer, None  # type: ignore[assignment]
-            if self._done.exception() is None:
-                self._pool.give(buffer)
+            self._pool.give(buffer, reuse=self._done.exception() is None)
 
 
 class _Mode:
@@ -278,13 +297,14 @@ class LandingProtocol(asyncio.BufferedProtocol):
             or not target.startswith(_PREFIX)
             or not 0 < length <= self._max_body
             or len(self._pending) >= MAX_PENDING
+            or (buffer := self._pool.take(length)) is None
         ):
             self._feed(head)
             if length:
                 self._mode = _Mode.PASS
                 self._pass_left = length
             return
-        landing = Landing(self._pool, length, self._loop)
+        landing = Landing(self._pool, buffer, self._loop)
         landing_id = secrets.token_hex(12)
         lines[content_line] = b"Content-Length: 0"
         lines.append(f"{LANDING_HEADER}: {landing_id}".encode())

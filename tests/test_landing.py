@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 
 from gateway import handlers
+from gateway import server as gateway_server
 from gateway.landing import LANDING_HEADER, BufferPool, Landing
 from tests.conftest import RunningGateway, running_gateway
 from tiers.block import digest
@@ -197,17 +198,49 @@ async def test_without_landing_every_byte_goes_through_aiohttp(
 
 async def test_landing_buffers_are_reused_only_once_released_and_complete() -> None:
     loop = asyncio.get_running_loop()
-    pool = BufferPool(idle_bytes=1 << 20)
-    first = Landing(pool, 1000, loop)
+    pool = BufferPool(busy_bytes=1 << 20, idle_bytes=1 << 20)
+    buffer = pool.take(1000)
+    assert buffer is not None
+    first = Landing(pool, buffer, loop)
     first.release()  # the handler answered early: the body is still arriving
-    assert pool.idle_bytes == 0
+    assert pool.idle_bytes == 0 and pool.busy_bytes == 1000
     first.remaining_view()[:1000] = b"x" * 1000
     assert first.received(1000)
-    assert pool.idle_bytes == 1000  # complete and released: back in the pool
-    second = Landing(pool, 1000, loop)
-    assert pool.reused == 1 and pool.idle_bytes == 0
+    assert pool.idle_bytes == 1000 and pool.busy_bytes == 0  # complete and released: reusable
+    again = pool.take(1000)
+    assert again is buffer and pool.reused == 1
+    second = Landing(pool, again, loop)
     second.abort(ConnectionResetError("gone"))
     with pytest.raises(ConnectionResetError):
         await second.read()
     second.release()
-    assert pool.idle_bytes == 0  # an aborted landing's buffer is not recycled
+    assert pool.idle_bytes == 0 and pool.busy_bytes == 0  # an aborted buffer is dropped
+
+
+def test_the_pool_refuses_past_its_busy_cap() -> None:
+    pool = BufferPool(busy_bytes=3000, idle_bytes=0)
+    first = pool.take(2000)
+    assert first is not None
+    assert pool.take(2000) is None  # announced bodies cannot reserve unbounded memory
+    pool.give(first)
+    assert pool.take(2000) is not None
+
+
+async def test_heads_past_the_landing_budget_take_the_ordinary_path(
+    tmp_path: Path, landed: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Connections that announce bodies and send them slowly hold their landing buffers; past
+    # the pool's cap the next PUT is read through aiohttp (memory as its bytes arrive).
+    monkeypatch.setattr(gateway_server, "BufferPool", lambda: BufferPool(busy_bytes=150_000))
+    async with running_gateway(tmp_path / "data") as gw:
+        held = body("held", 100_000)
+        host, port = gw.url.removeprefix("http://").split(":")
+        _, stalled = await asyncio.open_connection(host, int(port))
+        stalled.write(put_request("held", held)[:1000])  # head + a little: 100 KB reserved
+        await stalled.drain()
+        data = body("next", 90_000)
+        got = await exchange(gw.url, put_request("next", data), responses=1)
+        assert status(got[0]) == 201
+        assert 90_000 not in landed  # it did not fit the cap: it went through aiohttp
+        assert await read_back(gw, "next") == data
+        stalled.close()
