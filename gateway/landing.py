@@ -19,14 +19,11 @@ head), the rest of it is passed through as it comes.
 from __future__ import annotations
 
 import asyncio
-import logging
 import secrets
 from collections import OrderedDict
 from collections.abc import Callable
 
 from aiohttp import web
-
-log = logging.getLogger("kvgate.landing")
 
 LANDING_HEADER = "X-KVGate-Landing"
 _LANDING_HEADER_LOWER = LANDING_HEADER.lower().encode()
@@ -63,7 +60,6 @@ class BufferPool:
         self._idle_bytes = 0
         self._free: dict[int, list[bytearray]] = {}
         self.reused = 0
-        self.allocated = 0
 
     def take(self, size: int) -> bytearray | None:
         """A buffer of ``size`` bytes, or ``None`` when that would pass the busy cap."""
@@ -75,7 +71,6 @@ class BufferPool:
             self.reused += 1
             self._idle_bytes -= size
             return free.pop()
-        self.allocated += 1
         return bytearray(size)
 
     def give(self, buffer: bytearray, *, reuse: bool = True) -> None:
@@ -117,10 +112,6 @@ class Landing:
         self.filled = 0
         self._done: asyncio.Future[None] = loop.create_future()
         self._released = False
-
-    @property
-    def complete(self) -> bool:
-        return self._done.done()
 
     def remaining_view(self) -> memoryview:
         return self.view[self.filled :]
@@ -225,11 +216,14 @@ class LandingProtocol(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         if self._mode == _Mode.LAND and self._landing is not None:
-            if self._landing.received(nbytes):
-                self._landing = None
-                self._mode = _Mode.HEAD
+            self._landed(self._landing, nbytes)
             return
         self._consume(self._reading[:nbytes])
+
+    def _landed(self, landing: Landing, nbytes: int) -> None:
+        if landing.received(nbytes):
+            self._landing = None
+            self._mode = _Mode.HEAD
 
     # -- framing ----------------------------------------------------------------------------
 
@@ -256,9 +250,7 @@ class LandingProtocol(asyncio.BufferedProtocol):
                 take = min(len(data), landing.length - landing.filled)
                 landing.remaining_view()[:take] = data[:take]
                 data = data[take:]
-                if landing.received(take):
-                    self._landing = None
-                    self._mode = _Mode.HEAD
+                self._landed(landing, take)
                 continue
             # HEAD: collect until the blank line
             start = max(0, len(self._head) - 3)
@@ -267,7 +259,8 @@ class LandingProtocol(asyncio.BufferedProtocol):
             end = self._head.find(b"\r\n\r\n", start)
             if end < 0:
                 if len(self._head) > MAX_HEAD_BYTES:
-                    self._through()
+                    overlong, self._head = self._head, bytearray()
+                    self._through(overlong)
                 return
             head = bytes(self._head[: end + 4])
             rest = bytes(self._head[end + 4 :])
@@ -275,18 +268,16 @@ class LandingProtocol(asyncio.BufferedProtocol):
             self._on_head(head)
             data = memoryview(rest)
 
-    def _through(self) -> None:
+    def _through(self, pending: bytes | bytearray) -> None:
+        """Hand aiohttp ``pending`` and every byte after it as they come."""
         self._mode = _Mode.THROUGH
-        if self._head:
-            head, self._head = self._head, bytearray()
-            self._feed(head)
+        self._feed(pending)
 
     def _on_head(self, head: bytes) -> None:
         parsed = _parse_head(head)
         if parsed is None:
             # aiohttp decides what this is; whatever comes after, it reads on its own.
-            self._head = bytearray(head)
-            self._through()
+            self._through(head)
             return
         lines, length, content_line, plain = parsed
         method, target, version = lines[0].split(b" ")
