@@ -244,3 +244,16 @@ async def test_heads_past_the_landing_budget_take_the_ordinary_path(
         assert 90_000 not in landed  # it did not fit the cap: it went through aiohttp
         assert await read_back(gw, "next") == data
         stalled.close()
+
+
+async def test_an_overlong_head_is_handed_to_aiohttp_as_it_is(
+    gateway: RunningGateway, landed: list[int]
+) -> None:
+    # Past 128 KiB without a blank line the framing gives up: aiohttp reads the head (it has no
+    # limit on the whole head, only per line) and the body, the way it did without landing.
+    fields = "".join(f"X-Pad-{i}: {'p' * 8000}\r\n" for i in range(20))
+    raw = f"PUT /v1/blocks/pad HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n{fields}\r\nabc"
+    got = await exchange(gateway.url, raw.encode() + get_request("pad"), responses=2)
+    assert [status(r) for r in got] == [201, 200]
+    assert got[1].endswith(b"abc")
+    assert landed == []
