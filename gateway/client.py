@@ -15,7 +15,14 @@ from aiohttp.payload import BytesPayload
 
 from gateway import batch
 from gateway.errors import KVGateError, client_error_for
-from gateway.shm_client import ShmSession, ShmUnavailable, is_loopback_url
+from gateway.shm_client import (
+    Dest,
+    ShmSession,
+    ShmUnavailable,
+    dest_len,
+    host_tensor,
+    is_loopback_url,
+)
 
 
 class SplitBody(BytesPayload):
@@ -508,7 +515,13 @@ class KVGateClient:
         return result
 
 
-def _byte_view(buffer: Any) -> memoryview:
+def _byte_view(buffer: Any) -> Dest:
+    """A byte-addressed destination for ``buffer``: a flat ``memoryview``, or for a torch
+    tensor (whose bytes may live on a GPU) a flat ``uint8`` view of the tensor."""
+    if type(buffer).__module__.startswith("torch"):
+        if not buffer.is_contiguous():
+            raise ValueError("get_many_into needs contiguous buffers")
+        return buffer.reshape(-1).view(_torch_uint8())
     view = memoryview(buffer)
     if view.readonly:
         raise ValueError("get_many_into needs writable buffers")
@@ -517,10 +530,19 @@ def _byte_view(buffer: Any) -> memoryview:
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
-def _copy_into(view: memoryview, data: bytes) -> int:
-    if len(data) > len(view):
-        raise ValueError(f"a block of {len(data)} bytes does not fit a buffer of {len(view)}")
-    view[: len(data)] = data
+def _torch_uint8() -> Any:
+    import torch  # only when the caller already handed us a tensor
+
+    return torch.uint8
+
+
+def _copy_into(dest: Dest, data: bytes) -> int:
+    if len(data) > dest_len(dest):
+        raise ValueError(f"a block of {len(data)} bytes does not fit a buffer of {dest_len(dest)}")
+    if isinstance(dest, memoryview):
+        dest[: len(data)] = data
+    elif data:
+        dest[: len(data)].copy_(host_tensor(data))
     return len(data)
 
 

@@ -6,12 +6,16 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import mmap
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from tiers.shmseg import SegmentInfo, open_segment
+from tiers.shmseg import SegmentInfo, local_cuda, open_segment
+
+Dest = Any
+"""Where ``read_into`` copies: a writable ``memoryview`` of bytes, or a flat ``uint8`` tensor."""
 
 
 class ShmUnavailable(Exception):
@@ -77,26 +81,28 @@ class ShmSession:
         finally:
             view.release()
 
-    def read_into(self, segment: str, runs: Sequence[Sequence[int]], dest: memoryview) -> int:
-        """Copy a descriptor's bytes to the start of ``dest`` (a writable byte view); the
-        number of bytes copied. No allocation: one memcpy per run."""
+    def read_into(self, segment: str, runs: Sequence[Sequence[int]], dest: Dest) -> int:
+        """Copy a descriptor's bytes to the start of ``dest`` (a writable byte view, or a flat
+        ``uint8`` torch tensor on any device); the number of bytes copied. No allocation: one
+        copy per run (device to device when both ends are on the GPU)."""
         mapped = self._segments.get(segment)
         if mapped is None:
             raise ShmUnavailable(f"unknown segment {segment!r}")
         size = sum(length for _, length in runs)
-        if size > len(dest):
-            raise ValueError(f"a block of {size} bytes does not fit a buffer of {len(dest)}")
-        if mapped.mapping is None:
-            dest[:size] = _cuda_read(mapped.cuda, runs)
+        if size > dest_len(dest):
+            raise ValueError(f"a block of {size} bytes does not fit a buffer of {dest_len(dest)}")
+        if mapped.mapping is not None and isinstance(dest, memoryview):
+            view = memoryview(mapped.mapping)
+            try:
+                pos = 0
+                for offset, length in runs:
+                    dest[pos : pos + length] = view[offset : offset + length]
+                    pos += length
+            finally:
+                view.release()
             return size
-        view = memoryview(mapped.mapping)
-        try:
-            pos = 0
-            for offset, length in runs:
-                dest[pos : pos + length] = view[offset : offset + length]
-                pos += length
-        finally:
-            view.release()
+        source = mapped.cuda if mapped.mapping is None else host_tensor(mapped.mapping)
+        _tensor_copy(source, runs, dest if not isinstance(dest, memoryview) else host_tensor(dest))
         return size
 
     def write(self, segment: str, runs: Sequence[Sequence[int]], data: bytes | memoryview) -> None:
@@ -134,6 +140,10 @@ def _cuda_open(info: SegmentInfo) -> Any:  # pragma: no cover - needs a GPU
 
     if not torch.cuda.is_available() or info.ipc is None:
         raise ShmUnavailable("a CUDA IPC segment needs CUDA here")
+    local = local_cuda(info.ipc)
+    if local is not None:
+        return local
+    torch.cuda.init()  # type: ignore[no-untyped-call]  # opening a handle first would crash
     storage = torch.UntypedStorage._new_shared_cuda(*info.ipc)
     return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
 
@@ -145,3 +155,30 @@ def _cuda_read(arena: Any, runs: Sequence[Sequence[int]]) -> bytes:  # pragma: n
     joined = parts[0] if len(parts) == 1 else torch.cat(parts)
     data: bytes = joined.cpu().numpy().tobytes()
     return data
+
+
+def dest_len(dest: Dest) -> int:
+    return len(dest) if isinstance(dest, memoryview) else int(dest.numel())
+
+
+def host_tensor(buffer: Any) -> Any:
+    import torch
+
+    with warnings.catch_warnings():
+        # A read-only mapping is only read from; torch warns because it cannot mark it so.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(buffer, dtype=torch.uint8)
+
+
+def _tensor_copy(source: Any, runs: Sequence[Sequence[int]], dest: Any) -> None:
+    import torch
+
+    pos = 0
+    for offset, length in runs:
+        dest[pos : pos + length].copy_(source[offset : offset + length])
+        pos += length
+    for tensor in (source, dest):
+        if tensor.device.type == "cuda":
+            # The lease is released once this returns: the copy must be over by then, and a
+            # device-to-device copy is only queued on the stream until now.
+            torch.cuda.current_stream(tensor.device).synchronize()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -32,6 +33,13 @@ SMALL_TIERS = GatewayConfig(
     shutdown_timeout_s=1.0,
     disk_shed=False,  # tests read back everything they wrote: never shed under a slow disk
 )
+
+
+def subprocess_env(root: Path, **extra: str) -> dict[str, str]:
+    """This environment for a child Python that imports the repo from ``root``; what is already
+    on PYTHONPATH (an installed-elsewhere dependency) stays on it."""
+    path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
 
 
 @dataclass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sys
 import textwrap
@@ -15,6 +14,7 @@ import lmdb
 import numpy as np
 import pytest
 
+from tests.conftest import subprocess_env
 from tiers.base import PutOutcome, Tier
 from tiers.block import Block
 from tiers.disk import DiskTier
@@ -359,7 +359,7 @@ _WRITER = textwrap.dedent(
 @pytest.mark.slow
 async def test_kill_9_never_leaves_a_torn_block(tmp_path: Path) -> None:
     path = tmp_path / "disk"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = subprocess_env(ROOT)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", _WRITER, str(path), stdout=asyncio.subprocess.PIPE, env=env
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import os
 import re
 import signal
 import sys
@@ -15,6 +14,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import torch
+
+from tests.conftest import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 URL_RE = re.compile(r"kvgate serving on (http://[^\s;]+)")
@@ -42,7 +44,7 @@ class Server:
 
 
 async def start_server(data_dir: Path, *extra: str) -> Server:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    env = subprocess_env(REPO, PYTHONUNBUFFERED="1")
     env = {k: v for k, v in env.items() if not k.startswith("KVGATE_")}
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -98,7 +100,8 @@ async def test_sigterm_exits_0_and_a_restart_serves_every_block(tmp_path: Path) 
     data_dir = tmp_path / "data"
     blocks = {f"g:{i}": content(f"g:{i}", 64 * 1024 * (1 + i % 16)) for i in range(40)}
     async with serving(data_dir) as server:
-        assert any("tiers: hbm (device cpu" in line for line in server.log), server.log
+        hbm_device = "cuda" if torch.cuda.is_available() else "cpu"
+        assert any(f"tiers: hbm (device {hbm_device}" in line for line in server.log), server.log
         async with aiohttp.ClientSession() as http:
             for key, data in blocks.items():
                 async with http.put(f"{server.url}/v1/blocks/{key}", data=data) as resp:

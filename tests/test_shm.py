@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import stat
+import sys
 from pathlib import Path
 
 import aiohttp
@@ -18,7 +20,8 @@ import torch
 from gateway.client import KVGateClient
 from gateway.config import MiB, TenantConfig
 from gateway.shm import SHM
-from tests.conftest import RunningGateway, running_gateway
+from gateway.shm_client import ShmSession
+from tests.conftest import RunningGateway, running_gateway, subprocess_env
 from tiers.block import Block, digest
 from tiers.memory import ArenaTier
 from tiers.shmseg import DEFAULT_SHM_DIR, ShmSegment
@@ -168,6 +171,25 @@ async def test_get_many_into_over_http_without_shm(tmp_path: Path) -> None:
         assert not kv.uses_shm and out[:9] == b"over http"
 
 
+@pytest.mark.parametrize("shm", [True, False], ids=["shm", "http"])
+async def test_get_many_into_torch_tensors(tmp_path: Path, shm: bool) -> None:
+    """A serving engine's own cache pages are tensors: filled in place, byte for byte, whatever
+    their dtype, through shared memory or (without it) from the HTTP bodies."""
+    blocks = {"t:0": payload("t:0", MiB), "t:1": payload("t:1", 70_001)}
+    async with running_gateway(tmp_path, shm=shm) as gw, KVGateClient(gw.url) as kv:
+        await kv.put_many(blocks)
+        pages = torch.zeros(2 * MiB, dtype=torch.uint8)
+        wide = torch.zeros(MiB, dtype=torch.bfloat16)  # 2 MiB of bytes
+        assert await kv.get_many_into([*blocks], [pages, wide]) == [MiB, 70_001]
+        assert kv.uses_shm is shm
+        assert pages[:MiB].numpy().tobytes() == blocks["t:0"] and not pages[MiB:].any()
+        assert wide.view(torch.uint8)[:70_001].numpy().tobytes() == blocks["t:1"]
+        with pytest.raises(ValueError, match="contiguous"):
+            await kv.get_many_into(["t:0"], [torch.zeros(4, MiB, dtype=torch.uint8).t()])
+        with pytest.raises(ValueError, match="does not fit"):
+            await kv.get_many_into(["t:0"], [torch.zeros(MiB - 1, dtype=torch.uint8)])
+
+
 async def test_shm_serves_disk_blocks_through_staging(gateway: RunningGateway) -> None:
     keys = [f"d:{i}" for i in range(30)]  # 30 MiB: more than hbm + dram hold
     async with KVGateClient(gateway.url) as kv:
@@ -211,13 +233,22 @@ async def test_non_loopback_url_never_tries_shm() -> None:
 
 
 async def _attach(http: aiohttp.ClientSession, url: str, token: str | None = None) -> str:
+    return (await _attach_mapped(http, url, token)).id
+
+
+async def _attach_mapped(
+    http: aiohttp.ClientSession, url: str, token: str | None = None
+) -> ShmSession:
+    """Attach, check the segment files are private, and map what the answer advertises (an
+    HBM arena on a GPU host is a CUDA IPC segment, not a file)."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     async with http.post(f"{url}/v1/shm/attach", json={}, headers=headers) as resp:
         assert resp.status == 201
         body = await resp.json()
     for seg in body["segments"]:
-        assert stat.S_IMODE(os.stat(seg["path"]).st_mode) == 0o600
-    return str(body["session"])
+        if seg["kind"] == "file":
+            assert stat.S_IMODE(os.stat(seg["path"]).st_mode) == 0o600
+    return ShmSession.from_attach(body)
 
 
 async def test_a_read_lease_pins_the_pages_until_released(
@@ -225,7 +256,8 @@ async def test_a_read_lease_pins_the_pages_until_released(
 ) -> None:
     data = payload("p", MiB)
     await http.put(gateway.block_url("p"), data=data)
-    session = await _attach(http, gateway.url)
+    mapped = await _attach_mapped(http, gateway.url)
+    session = mapped.id
     async with http.post(
         f"{gateway.url}/v1/shm/get", json={"session": session, "keys": ["p"]}
     ) as resp:
@@ -236,7 +268,8 @@ async def test_a_read_lease_pins_the_pages_until_released(
         assert resp.status == 204
     for i in range(30):
         await http.put(gateway.block_url(f"flood:{i}"), data=payload(f"flood:{i}", MiB))
-    assert read_runs(DEFAULT_SHM_DIR / item["segment"], item["runs"]) == data
+    assert mapped.read(item["segment"], item["runs"]) == data
+    mapped.close()
     exchange = gateway.app[SHM]
     assert exchange.active_leases == 1
     async with http.post(
@@ -362,7 +395,8 @@ async def test_zero_copy_get_is_correct_under_concurrent_eviction(
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 async def test_cuda_ipc_descriptor_round_trip(gateway: RunningGateway) -> None:
-    """On a GPU host the HBM arena is advertised by CUDA IPC handle and read through it."""
+    """On a GPU host the HBM arena is advertised by CUDA IPC handle; a client in the gateway's
+    own process (where CUDA refuses its own handles) reads the arena directly."""
     data = payload("gpu", MiB)
     async with KVGateClient(gateway.url) as kv:
         await kv.put("gpu", data)
@@ -373,11 +407,71 @@ async def test_cuda_ipc_descriptor_round_trip(gateway: RunningGateway) -> None:
         assert gateway.hierarchy.locate("default/gpu") == "hbm"
         assert await kv.get_many(["gpu"]) == [data]
         assert kv.uses_shm
+        dest = torch.zeros(2 * MiB, dtype=torch.uint8, device="cuda")
+        assert await kv.get_many_into(["gpu"], [dest]) == [MiB]
+        assert dest[:MiB].cpu().numpy().tobytes() == data and not dest[MiB:].any()
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+_IPC_READER = """
+import asyncio, hashlib, json, sys
+import torch
+from gateway.client import KVGateClient
+
+async def main() -> None:
+    url, keys = sys.argv[1], sys.argv[2:]
+    async with KVGateClient(url) as kv:
+        got = await kv.get_many(keys)
+        dest = [torch.zeros(2 << 20, dtype=torch.uint8, device="cuda") for _ in keys]
+        sizes = await kv.get_many_into(keys, dest)
+        into = [d[:n].cpu().numpy().tobytes() for d, n in zip(dest, sizes)]
+        print(json.dumps({
+            "shm": kv.uses_shm,
+            "reason": kv.shm_fallback_reason,
+            "get": [hashlib.sha256(b).hexdigest() for b in got],
+            "into": [hashlib.sha256(b).hexdigest() for b in into],
+        }))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+async def test_cuda_ipc_reader_in_another_process(gateway: RunningGateway) -> None:
+    """The real same-host case: another process opens the HBM arena by its CUDA IPC handle and
+    copies blocks out of it, to host bytes and device to device into its own tensors."""
+    keys = [f"ipc:{i}" for i in range(4)]
+    async with KVGateClient(gateway.url, shm=False) as kv:
+        for key in keys:
+            await kv.put(key, payload(key, MiB))
+    assert {gateway.hierarchy.locate(f"default/{k}") for k in keys} == {"hbm"}
+    env = subprocess_env(REPO_ROOT)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _IPC_READER,
+        gateway.url,
+        *keys,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    assert result["shm"], result["reason"]
+    want = [hashlib.sha256(payload(k, MiB)).hexdigest() for k in keys]
+    assert result["get"] == want
+    assert result["into"] == want
+    await gateway.hierarchy.quiesce()
+    hbm = gateway.hierarchy.tiers[0]
+    assert isinstance(hbm, ArenaTier) and hbm.pinned_blocks == 0
 
 
 async def test_shutdown_unlinks_the_arena_files_before_the_tiers_close(tmp_path: Path) -> None:
     async with running_gateway(tmp_path) as gw:
-        paths = [s.path for s in gw.app[SHM].arena_segments]
+        paths = [s.path for s in gw.app[SHM].arena_segments if s.kind == "file"]
         assert paths
         gw.app[SHM].close()  # what the app's teardown does first
         for path in paths:

@@ -184,8 +184,11 @@ class Hierarchy:
 
     async def quiesce(self) -> None:
         """Wait until background promotions and prefetches are done."""
-        while self._background:
-            await asyncio.gather(*list(self._background), return_exceptions=True)
+        # Only tasks not yet done: a finished one stays in the set until its done callback
+        # runs, and since Python 3.12 gathering only finished tasks completes without yielding
+        # to the loop, so that callback would never run and this would spin.
+        while pending := [task for task in self._background if not task.done()]:
+            await asyncio.gather(*pending, return_exceptions=True)
 
     # -- reads -----------------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from tiers.block import Block, BlockMeta
 from tiers.errors import TierClosed, TierConfigError
 from tiers.ledger import CapacityLedger
 from tiers.observe import ATTR_BYTES, ATTR_TIER, child_span
-from tiers.shmseg import SegmentInfo, ShmSegment
+from tiers.shmseg import SegmentInfo, ShmSegment, register_local_cuda
 
 ATTR_COPY_DIRECTION = "kvgate.copy.direction"
 
@@ -110,7 +110,8 @@ class ArenaTier:
         self.name = name
         self._torch_device = torch.device(device)
         self._pinned = pin_memory and self._torch_device.type == "cpu"
-        self.device = str(self._torch_device) + ("-pinned" if self._pinned else "")
+        self._registered: int | None = None  # address of a shared arena page-locked by us
+        self._ipc_handle: tuple[object, ...] | None = None
         self._alloc = PageAllocator(npages, page_bytes)
         self._ledger = CapacityLedger(npages * page_bytes)
         self._entries: dict[str, _Entry] = {}
@@ -119,6 +120,7 @@ class ArenaTier:
         self._segment: ShmSegment | None = None
         self._held = 0
         self._arena: torch.Tensor | None = self._allocate(npages * page_bytes, shm_dir)
+        self.device = str(self._torch_device) + ("-pinned" if self._pinned else "")
         # On the CPU the arena is also reachable as a flat memoryview: slicing it is free and
         # copying into/out of it is one memcpy without torch's per-op overhead.
         self._view: memoryview | None = (
@@ -234,6 +236,11 @@ class ArenaTier:
         self._entries.clear()
         self._arena = None
         self._view = None
+        if self._registered is not None:
+            # Before the unmap: CUDA keeps the range registered otherwise, and a later mapping
+            # at the same address then fails to register ("already mapped").
+            _unregister_host(self._registered)
+            self._registered = None
         if self._segment is not None:
             self._segment.close()
             self._segment = None
@@ -279,8 +286,14 @@ class ArenaTier:
         arena = self._arena
         if arena is None or arena.device.type != "cuda":
             return None
-        handle: tuple[object, ...] = arena.untyped_storage()._share_cuda_()  # type: ignore[no-untyped-call]
-        return handle
+        if self._ipc_handle is None:
+            # Once per arena: every export counts one more consumer reference that torch's
+            # producer side waits for.
+            self._ipc_handle = arena.untyped_storage()._share_cuda_()  # type: ignore[no-untyped-call]
+            # CUDA cannot open an IPC handle in the process that made it: a client in this
+            # process (an engine embedding the gateway) finds the arena here instead.
+            register_local_cuda(self._ipc_handle, arena)
+        return self._ipc_handle
 
     def _unpin(self, entry: _Entry) -> None:
         entry.pins -= 1
@@ -329,7 +342,10 @@ class ArenaTier:
                     warnings.simplefilter("ignore", UserWarning)
                     arena = torch.frombuffer(segment.buffer, dtype=torch.uint8)
                 if self._pinned:
-                    _register_host(arena)
+                    if _register_host(arena):
+                        self._registered = arena.data_ptr()
+                    else:
+                        self._pinned = False
                 self._segment = segment
                 return arena
         return torch.empty(
@@ -425,9 +441,19 @@ def _copy_out_tensor(arena: torch.Tensor, runs: list[Run], size: int) -> memoryv
     return out.data
 
 
-def _register_host(arena: torch.Tensor) -> None:
-    """Page-lock a shared-memory arena for async DMA, as ``pin_memory`` does for private ones."""
+def _register_host(arena: torch.Tensor) -> bool:
+    """Page-lock a shared-memory arena for async DMA, as ``pin_memory`` does for private ones;
+    whether it worked."""
     cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
     rc = cudart.cudaHostRegister(arena.data_ptr(), arena.numel(), 0)
     if int(rc) != 0:
         log.warning("cudaHostRegister failed (%s): the shared dram arena is pageable", rc)
+        return False
+    return True
+
+
+def _unregister_host(address: int) -> None:
+    cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
+    rc = cudart.cudaHostUnregister(address)
+    if int(rc) != 0:
+        log.warning("cudaHostUnregister failed (%s)", rc)

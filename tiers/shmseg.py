@@ -17,8 +17,10 @@ import mmap
 import os
 import re
 import secrets
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,29 @@ def _decode_ipc(value: object) -> object:
     if isinstance(value, dict) and isinstance(value.get("b64"), str):
         return base64.b64decode(value["b64"])
     return value
+
+
+# CUDA IPC handles of this process's own arenas, by their memory handle bytes: CUDA refuses to
+# open a handle in the process that exported it, so a same-process client looks here first.
+_LOCAL_CUDA: weakref.WeakValueDictionary[bytes, Any] = weakref.WeakValueDictionary()
+
+
+def _memory_handle(ipc: tuple[object, ...]) -> bytes | None:
+    # torch's _share_cuda_(): (device, memory handle, size, offset, ref-counter handle, ...)
+    return ipc[1] if len(ipc) > 1 and isinstance(ipc[1], bytes) else None
+
+
+def register_local_cuda(ipc: tuple[object, ...], arena: Any) -> None:
+    """Note that ``arena`` (a CUDA tensor of this process) is exported under ``ipc``."""
+    handle = _memory_handle(ipc)
+    if handle is not None:
+        _LOCAL_CUDA[handle] = arena
+
+
+def local_cuda(ipc: tuple[object, ...]) -> Any | None:
+    """The arena behind ``ipc`` when this process exported it, else ``None``."""
+    handle = _memory_handle(ipc)
+    return None if handle is None else _LOCAL_CUDA.get(handle)
 
 
 class ShmSegment:
