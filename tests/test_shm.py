@@ -93,8 +93,11 @@ async def test_pin_keeps_pages_from_reuse_until_released() -> None:
     assert (await tier.put("new", Block.of(payload("new", 16 * 1024)))).value == "no_room"
     views = pin.views()
     assert views is not None and b"".join(views) == old
+    assert bytes(await pin.read()) == old  # the copy a GPU arena's reader takes
     pin.release()
     pin.release()  # idempotent
+    with pytest.raises(RuntimeError):
+        await pin.read()
     assert tier.pinned_blocks == 0
     assert tier.fits(64 * 1024)
     new = payload("new", 64 * 1024)
@@ -352,6 +355,26 @@ async def test_shm_rejects_malformed_control_calls(
 
 
 # -- zero-copy HTTP GET ----------------------------------------------------------------------
+
+
+async def test_get_of_a_block_without_host_views_is_one_read_under_its_pin(
+    gateway: RunningGateway, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GPU arena's pages have no host view: GET copies them out under the pin it already
+    holds, counting one hit (a second lookup would count the read twice to the policy)."""
+    from tiers.memory import ArenaPin
+
+    monkeypatch.setattr(ArenaPin, "views", lambda self: None)
+    data = payload("gpu-like", MiB)
+    await http.put(gateway.block_url("gpu-like"), data=data)
+    hbm = gateway.hierarchy.tiers[0]
+    assert isinstance(hbm, ArenaTier)
+    hits = hbm.stats().hits
+    async with http.get(gateway.block_url("gpu-like")) as resp:
+        assert resp.status == 200 and await resp.read() == data
+        assert resp.headers["X-KV-Tier"] == "hbm"
+    assert hbm.stats().hits == hits + 1
+    assert hbm.pinned_blocks == 0
 
 
 async def test_zero_copy_get_is_correct_under_concurrent_eviction(

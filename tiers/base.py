@@ -117,6 +117,11 @@ class PinnedBlock(Protocol):
         """The bytes' place in a shared segment, or ``None`` when they are not in one."""
         ...
 
+    async def read(self) -> bytes | memoryview:
+        """The bytes in one host buffer: a copy out of storage that is not host-addressable
+        (HBM on a GPU), read under the pin, so no second lookup is made for them."""
+        ...
+
     def release(self) -> None: ...
 
 
@@ -152,6 +157,9 @@ class HeldBlock:
 
     def placement(self) -> Placement | None:
         return None
+
+    async def read(self) -> bytes | memoryview:
+        return self.block.data
 
     def release(self) -> None:
         return None
