@@ -435,6 +435,22 @@ async def test_cuda_ipc_descriptor_round_trip(gateway: RunningGateway) -> None:
         assert dest[:MiB].cpu().numpy().tobytes() == data and not dest[MiB:].any()
 
 
+def test_own_process_cuda_arenas_are_found_by_handle_and_offset() -> None:
+    """Two arenas carved from one CUDA allocation share its IPC memory handle: the offset tells
+    them apart. Entries go with their arenas."""
+    from tiers.shmseg import local_cuda, register_local_cuda
+
+    handle = b"\x01" * 64
+    first, second = torch.zeros(4), torch.zeros(4)
+    register_local_cuda((0, handle, 16, 0, b"rc", 0, b"ev", True), first)
+    register_local_cuda((0, handle, 16, 4096, b"rc", 1, b"ev", True), second)
+    assert local_cuda((0, handle, 16, 0, b"other", 9, b"ev", True)) is first
+    assert local_cuda((0, handle, 16, 4096, b"rc", 1, b"ev", True)) is second
+    assert local_cuda((0, b"\x02" * 64, 16, 0, b"rc", 0, b"ev", True)) is None
+    del first
+    assert local_cuda((0, handle, 16, 0, b"rc", 0, b"ev", True)) is None
+
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _IPC_READER = """
 import asyncio, hashlib, json, sys

@@ -83,27 +83,31 @@ def _decode_ipc(value: object) -> object:
     return value
 
 
-# CUDA IPC handles of this process's own arenas, by their memory handle bytes: CUDA refuses to
-# open a handle in the process that exported it, so a same-process client looks here first.
-_LOCAL_CUDA: weakref.WeakValueDictionary[bytes, Any] = weakref.WeakValueDictionary()
+# CUDA IPC handles of this process's own arenas: CUDA refuses to open a handle in the process
+# that exported it, so a same-process client looks here first. Keyed by the allocation's handle
+# and the arena's offset in it: torch's caching allocator can carve two arenas out of one
+# allocation, and then their memory handles are the same.
+_LOCAL_CUDA: weakref.WeakValueDictionary[tuple[bytes, int], Any] = weakref.WeakValueDictionary()
 
 
-def _memory_handle(ipc: tuple[object, ...]) -> bytes | None:
-    # torch's _share_cuda_(): (device, memory handle, size, offset, ref-counter handle, ...)
-    return ipc[1] if len(ipc) > 1 and isinstance(ipc[1], bytes) else None
+def _local_key(ipc: tuple[object, ...]) -> tuple[bytes, int] | None:
+    # torch's _share_cuda_(): (device, memory handle, size, offset in bytes, ref-counter, ...)
+    if len(ipc) > 3 and isinstance(ipc[1], bytes) and isinstance(ipc[3], int):
+        return ipc[1], ipc[3]
+    return None
 
 
 def register_local_cuda(ipc: tuple[object, ...], arena: Any) -> None:
     """Note that ``arena`` (a CUDA tensor of this process) is exported under ``ipc``."""
-    handle = _memory_handle(ipc)
-    if handle is not None:
-        _LOCAL_CUDA[handle] = arena
+    key = _local_key(ipc)
+    if key is not None:
+        _LOCAL_CUDA[key] = arena
 
 
 def local_cuda(ipc: tuple[object, ...]) -> Any | None:
     """The arena behind ``ipc`` when this process exported it, else ``None``."""
-    handle = _memory_handle(ipc)
-    return None if handle is None else _LOCAL_CUDA.get(handle)
+    key = _local_key(ipc)
+    return None if key is None else _LOCAL_CUDA.get(key)
 
 
 class ShmSegment:
