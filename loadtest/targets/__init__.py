@@ -72,14 +72,22 @@ async def _http(
         await target.close()
 
 
+async def _kvgate_url(
+    stack: contextlib.AsyncExitStack, options: TargetOptions, settings: dict[str, str] | None = None
+) -> str:
+    """The given server's URL, or a kvgate started for this target (stopped with ``stack``)."""
+    if options.url is not None:
+        return options.url
+    server = procs.kvgate_server(
+        sizes=options.kvgate_sizes, extra_args=options.kvgate_args, settings=settings
+    )
+    return await stack.enter_async_context(server)
+
+
 @contextlib.asynccontextmanager
 async def _open_kvgate(options: TargetOptions) -> AsyncIterator[Target]:
     async with contextlib.AsyncExitStack() as stack:
-        url = options.url
-        if url is None:
-            url = await stack.enter_async_context(
-                procs.kvgate_server(sizes=options.kvgate_sizes, extra_args=options.kvgate_args)
-            )
+        url = await _kvgate_url(stack, options)
         yield await stack.enter_async_context(_http(KvgateTarget, "kvgate", url, options))
 
 
@@ -92,15 +100,7 @@ SHED_SCENARIOS = frozenset({"put", "mixed"})
 @contextlib.asynccontextmanager
 async def _open_kvgate_shed(options: TargetOptions) -> AsyncIterator[Target]:
     async with contextlib.AsyncExitStack() as stack:
-        url = options.url
-        if url is None:
-            url = await stack.enter_async_context(
-                procs.kvgate_server(
-                    sizes=options.kvgate_sizes,
-                    extra_args=options.kvgate_args,
-                    settings=SHED_SETTINGS,
-                )
-            )
+        url = await _kvgate_url(stack, options, SHED_SETTINGS)
         target = KvgateTarget(
             "kvgate-shed", url, concurrency=options.concurrency, only_scenarios=SHED_SCENARIOS
         )
@@ -113,11 +113,7 @@ async def _open_kvgate_shm(options: TargetOptions) -> AsyncIterator[Target]:
     from loadtest.targets.shm_target import KvgateShmTarget
 
     async with contextlib.AsyncExitStack() as stack:
-        url = options.url
-        if url is None:
-            url = await stack.enter_async_context(
-                procs.kvgate_server(sizes=options.kvgate_sizes, extra_args=options.kvgate_args)
-            )
+        url = await _kvgate_url(stack, options)
         target = KvgateShmTarget(url, concurrency=options.concurrency)
         stack.push_async_callback(target.close)
         await target.check()
