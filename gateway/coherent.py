@@ -39,6 +39,7 @@ from coherence.tenants import Tenant, plan_quota
 from gateway.context import RequestContext
 from gateway.metrics import KvgateMetrics
 from gateway.telemetry import traced_lease_wait
+from tiers.base import Reservation
 from tiers.block import Block, split_key
 from tiers.hierarchy import Hierarchy, Hit, StoreOutcome
 
@@ -93,17 +94,24 @@ class Coherence:
     # -- writes -------------------------------------------------------------------------------
 
     async def put(
-        self, ctx: RequestContext, key: str, block: Block, *, token: int | None
+        self,
+        ctx: RequestContext,
+        key: str,
+        block: Block,
+        *,
+        token: int | None,
+        reservation: Reservation | None = None,
     ) -> StoreOutcome:
         """Store ``block`` under the scoped ``key`` if the write may happen.
 
         Raises :class:`LeaseConflict` / :class:`StaleToken` (409) when a lease forbids it,
         :class:`~coherence.errors.QuotaExceeded` (507) when the block can never fit the tenant's
         quota. ``NO_ROOM`` also covers a quota the tenant cannot make room in (all pinned).
+        ``reservation`` holds ``block.data`` (tiers.hierarchy.Hierarchy.put).
         """
         permit = await self.check_write(key, token)
         if ctx.quota_bytes is None:
-            return await self._store(key, block, permit)
+            return await self._store(key, block, permit, reservation)
         lock = self._quota_locks.setdefault(ctx.tenant, asyncio.Lock())
         async with lock:
             if not self.hierarchy.contains(key):
@@ -115,7 +123,7 @@ class Coherence:
                     freed = await self.hierarchy.shed(ctx.tenant, plan.evict_bytes)
                     if freed < plan.evict_bytes:
                         return StoreOutcome.NO_ROOM
-            return await self._store(key, block, permit)
+            return await self._store(key, block, permit, reservation)
 
     async def check_write(self, key: str, token: int | None) -> WritePermit:
         """May a PUT of ``key`` with ``token`` happen now? 409 (raises) when a lease forbids it."""
@@ -124,9 +132,11 @@ class Coherence:
             return await leases.check_write(key, token)
         return leases.check_write(key, token)
 
-    async def _store(self, key: str, block: Block, permit: WritePermit) -> StoreOutcome:
+    async def _store(
+        self, key: str, block: Block, permit: WritePermit, reservation: Reservation | None
+    ) -> StoreOutcome:
         if isinstance(self.leases, RedisLeaseTable):
-            return await self._store_shared(self.leases, key, block, permit)
+            return await self._store_shared(self.leases, key, block, permit, reservation)
         leases = self.leases
         current = permit
 
@@ -140,7 +150,9 @@ class Coherence:
                 return False
             return True
 
-        outcome = await self.hierarchy.put(key, block, publish_if=still_admitted)
+        outcome = await self.hierarchy.put(
+            key, block, publish_if=still_admitted, reservation=reservation
+        )
         if outcome is StoreOutcome.FENCED:
             self._lease_event("stale", key)
             leases.check_write(key, permit.token)  # raises the reason, as a 409
@@ -159,11 +171,18 @@ class Coherence:
         return outcome
 
     async def _store_shared(
-        self, leases: RedisLeaseTable, key: str, block: Block, permit: WritePermit
+        self,
+        leases: RedisLeaseTable,
+        key: str,
+        block: Block,
+        permit: WritePermit,
+        reservation: Reservation | None,
     ) -> StoreOutcome:
         # The fence is checked by the remote tier in the same Redis script that publishes the
         # block: no gateway can grant the key to a newer writer in between.
-        outcome = await self.hierarchy.put(key, block, fence=leases.fence_for(permit))
+        outcome = await self.hierarchy.put(
+            key, block, fence=leases.fence_for(permit), reservation=reservation
+        )
         if outcome is StoreOutcome.FENCED:
             self._lease_event("stale", key)
             await leases.check_write(key, permit.token)  # raises the reason, as a 409

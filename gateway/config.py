@@ -121,6 +121,10 @@ class GatewayConfig:
     land_puts: bool = True
     """Receive the body of a plain ``PUT /v1/blocks/...`` straight into a buffer instead of
     through aiohttp's body stream (gateway.landing); ``false`` sends every byte through aiohttp."""
+    landing_bytes: int = 64 * MiB
+    """Pages beyond the budget of the first CPU arena (hbm without a GPU, dram with one) that
+    landed PUT bodies are received into and then stored from without a copy (tiers.base.
+    Reservation); 0, or ``land_puts = false``, copies every body in from a buffer."""
     shm: bool = True
     """Same-host data plane: CPU arenas in shared memory under ``shm_dir`` + /v1/shm/*."""
     shm_dir: str = "/dev/shm"
@@ -146,6 +150,7 @@ _SIZE_FIELDS = frozenset(
         "page_bytes",
         "shm_staging_bytes",
         "remote_bytes",
+        "landing_bytes",
     }
 )
 _INT_FIELDS = frozenset({"port", "max_batch_keys", "disk_compression_level", "shm_lease_ms"})

@@ -340,7 +340,8 @@ class Handlers:
             data = await landing.read()
         expires_at = None if ttl is None else state.clock.time() + ttl
         block = Block.of(data, dtype=dtype, shape=shape, expires_at=expires_at)
-        outcome = await coherent.put(ctx, scoped, block, token=token)
+        reservation = None if landing is None else landing.reservation
+        outcome = await coherent.put(ctx, scoped, block, token=token, reservation=reservation)
         etag = block.meta.etag
         if outcome is StoreOutcome.STORED:
             return web.Response(status=201, headers={"ETag": etag})

@@ -10,6 +10,11 @@ pooled buffer (a :class:`Landing`), and aiohttp sees the same head with ``Conten
 plus an :data:`LANDING_HEADER` naming the landing. Routing, middleware, auth, telemetry and
 errors stay aiohttp's; ``put_block`` takes the body from the landing instead of the stream.
 
+Where the hierarchy can reserve room in a tier's own storage (:class:`tiers.base.Reservation`,
+the landing pages of a CPU arena), the body is received there, and the tier adopts those pages
+as the stored block: the kernel's copy out of the socket is then the only copy of the bytes.
+Otherwise it goes into a pooled buffer and the tier copies it in.
+
 Anything unusual goes through untouched: a chunked body, ``Expect``, ``Upgrade``, HTTP/1.0, a
 head aiohttp would refuse, a body over the block limit (aiohttp answers 413 as before). Once a
 connection carries something this framing cannot follow (chunked, upgrade, an unparseable
@@ -24,6 +29,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from aiohttp import web
+
+from tiers.base import Reservation
+
+Reserve = Callable[[int], Reservation | None]
 
 LANDING_HEADER = "X-KVGate-Landing"
 _LANDING_HEADER_LOWER = LANDING_HEADER.lower().encode()
@@ -91,24 +100,71 @@ class BufferPool:
         return self._busy_bytes
 
 
+class BodyBuffers:
+    """Where landed bodies go: a reservation in the tiers when ``reserve`` gives one, else a
+    buffer from ``pool``."""
+
+    def __init__(self, pool: BufferPool, reserve: Reserve | None = None) -> None:
+        self.pool = pool
+        self.reserve = reserve
+        self.reserved = 0
+        """Bodies received into a tier's reservation."""
+
+    def landing(self, size: int, loop: asyncio.AbstractEventLoop) -> Landing | None:
+        """A landing for a body of ``size`` bytes, ``None`` when there is no room for one."""
+        if self.reserve is not None and (reservation := self.reserve(size)) is not None:
+            self.reserved += 1
+
+            def give_back(_complete: bool, reservation: Reservation = reservation) -> None:
+                reservation.release()
+
+            return Landing(reservation.view, give_back, loop, reservation=reservation)
+        buffer = self.pool.take(size)
+        if buffer is None:
+            return None
+        pool = self.pool
+
+        def recycle(complete: bool, buffer: bytearray = buffer) -> None:
+            pool.give(buffer, reuse=complete)
+
+        return Landing(memoryview(buffer), recycle, loop)
+
+
 class Landing:
-    """One PUT body being received into a pooled buffer.
+    """One PUT body being received into a buffer or a tier's reservation.
 
     The handler awaits :meth:`read` and calls :meth:`release` when it no longer needs the
-    bytes. The buffer goes back to the pool only once both have happened: released *and* fully
-    received (or the connection gone), so a handler that answers early (401, 409) never hands
-    out a buffer the socket is still writing into.
+    bytes. The buffer goes back (to the pool, or the reservation to its tier, a no-op once the
+    tier adopted it) only once both have happened: released *and* fully received (or the
+    connection gone), so a handler that answers early (401, 409) never hands out a buffer the
+    socket is still writing into.
     """
 
-    __slots__ = ("_buffer", "_done", "_pool", "_released", "filled", "length", "view")
+    __slots__ = (
+        "_done",
+        "_give_back",
+        "_released",
+        "_returned",
+        "filled",
+        "length",
+        "reservation",
+        "view",
+    )
 
     def __init__(
-        self, pool: BufferPool, buffer: bytearray, loop: asyncio.AbstractEventLoop
+        self,
+        view: memoryview,
+        give_back: Callable[[bool], None],
+        loop: asyncio.AbstractEventLoop,
+        *,
+        reservation: Reservation | None = None,
     ) -> None:
-        self._pool = pool
-        self._buffer = buffer
-        self.view = memoryview(buffer)
-        self.length = len(buffer)
+        self._give_back = give_back
+        self._returned = False
+        self.view = view
+        self.reservation = reservation
+        """Set when the body lands in the tiers' storage: hand it to the put."""
+        self.length = len(view)
         self.filled = 0
         self._done: asyncio.Future[None] = loop.create_future()
         self._released = False
@@ -141,9 +197,9 @@ class Landing:
         self._recycle()
 
     def _recycle(self) -> None:
-        if self._released and self._done.done() and self._buffer is not None:
-            buffer, self._buffer = self._buffer, None  # type: ignore[assignment]
-            self._pool.give(buffer, reuse=self._done.exception() is None)
+        if self._released and self._done.done() and not self._returned:
+            self._returned = True
+            self._give_back(self._done.exception() is None)
 
 
 class _Mode:
@@ -156,9 +212,9 @@ class _Mode:
 class LandingProtocol(asyncio.BufferedProtocol):
     """The transport's protocol: frames requests, lands block bodies, feeds aiohttp the rest."""
 
-    def __init__(self, inner: asyncio.Protocol, *, pool: BufferPool, max_body: int) -> None:
+    def __init__(self, inner: asyncio.Protocol, *, buffers: BodyBuffers, max_body: int) -> None:
         self._inner = inner
-        self._pool = pool
+        self._buffers = buffers
         self._max_body = max_body
         self._scratch_view = memoryview(bytearray(READ_CHUNK))
         self._head_view = memoryview(bytearray(HEAD_CHUNK))
@@ -288,14 +344,13 @@ class LandingProtocol(asyncio.BufferedProtocol):
             or not target.startswith(_PREFIX)
             or not 0 < length <= self._max_body
             or len(self._pending) >= MAX_PENDING
-            or (buffer := self._pool.take(length)) is None
+            or (landing := self._buffers.landing(length, self._loop)) is None
         ):
             self._feed(head)
             if length:
                 self._mode = _Mode.PASS
                 self._pass_left = length
             return
-        landing = Landing(self._pool, buffer, self._loop)
         landing_id = secrets.token_hex(12)
         lines[content_line] = b"Content-Length: 0"
         lines.append(f"{LANDING_HEADER}: {landing_id}".encode())
@@ -346,9 +401,9 @@ def take_landing(request: web.BaseRequest) -> Landing | None:
 
 
 def protocol_factory(
-    inner: Callable[[], asyncio.Protocol], *, pool: BufferPool, max_body: int
+    inner: Callable[[], asyncio.Protocol], *, buffers: BodyBuffers, max_body: int
 ) -> Callable[[], LandingProtocol]:
     def make() -> LandingProtocol:
-        return LandingProtocol(inner(), pool=pool, max_body=max_body)
+        return LandingProtocol(inner(), buffers=buffers, max_body=max_body)
 
     return make

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from gateway.app import HierarchyFactory, create_app
 from gateway.config import GatewayConfig, format_size
-from gateway.landing import BufferPool, protocol_factory
+from gateway.landing import BodyBuffers, BufferPool, protocol_factory
 from gateway.state import STATE
 from tiers.clock import SYSTEM_CLOCK, Clock
 
@@ -76,7 +76,9 @@ async def listen(
         raise RuntimeError("listen() needs a runner that has been set up")
     factory: Callable[[], asyncio.BaseProtocol] = server
     if config.land_puts:
-        factory = protocol_factory(server, pool=BufferPool(), max_body=config.max_block_bytes)
+        hierarchy = runner.app[STATE].hierarchy
+        buffers = BodyBuffers(BufferPool(), None if hierarchy is None else hierarchy.reserve)
+        factory = protocol_factory(server, buffers=buffers, max_body=config.max_block_bytes)
     loop = asyncio.get_running_loop()
     return await loop.create_server(
         factory,

@@ -30,6 +30,7 @@ SMALL_TIERS = GatewayConfig(
     max_batch_bytes=32 * MiB,
     max_batch_keys=256,
     page_bytes=16 * 1024,
+    landing_bytes=8 * MiB,
     shutdown_timeout_s=1.0,
     disk_shed=False,  # tests read back everything they wrote: never shed under a slow disk
 )

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from gateway import handlers
 from gateway import server as gateway_server
-from gateway.landing import LANDING_HEADER, BufferPool, Landing
+from gateway.landing import LANDING_HEADER, BodyBuffers, BufferPool, Landing
 from tests.conftest import RunningGateway, running_gateway
 from tiers.block import digest
 
@@ -199,17 +199,16 @@ async def test_without_landing_every_byte_goes_through_aiohttp(
 async def test_landing_buffers_are_reused_only_once_released_and_complete() -> None:
     loop = asyncio.get_running_loop()
     pool = BufferPool(busy_bytes=1 << 20, idle_bytes=1 << 20)
-    buffer = pool.take(1000)
-    assert buffer is not None
-    first = Landing(pool, buffer, loop)
+    buffers = BodyBuffers(pool)
+    first = buffers.landing(1000, loop)
+    assert first is not None and first.reservation is None
     first.release()  # the handler answered early: the body is still arriving
     assert pool.idle_bytes == 0 and pool.busy_bytes == 1000
     first.remaining_view()[:1000] = b"x" * 1000
     assert first.received(1000)
     assert pool.idle_bytes == 1000 and pool.busy_bytes == 0  # complete and released: reusable
-    again = pool.take(1000)
-    assert again is buffer and pool.reused == 1
-    second = Landing(pool, again, loop)
+    second = buffers.landing(1000, loop)
+    assert second is not None and pool.reused == 1
     second.abort(ConnectionResetError("gone"))
     with pytest.raises(ConnectionResetError):
         await second.read()
@@ -226,13 +225,23 @@ def test_the_pool_refuses_past_its_busy_cap() -> None:
     assert pool.take(2000) is not None
 
 
+@pytest.mark.parametrize(
+    ("landing_bytes", "pool_bytes"),
+    [(0, 150_000), (128 * 1024, 0)],
+    ids=["pooled-buffers", "arena-landing-pages"],
+)
 async def test_heads_past_the_landing_budget_take_the_ordinary_path(
-    tmp_path: Path, landed: list[int], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    landed: list[int],
+    monkeypatch: pytest.MonkeyPatch,
+    landing_bytes: int,
+    pool_bytes: int,
 ) -> None:
-    # Connections that announce bodies and send them slowly hold their landing buffers; past
-    # the pool's cap the next PUT is read through aiohttp (memory as its bytes arrive).
-    monkeypatch.setattr(gateway_server, "BufferPool", lambda: BufferPool(busy_bytes=150_000))
-    async with running_gateway(tmp_path / "data") as gw:
+    # Connections that announce bodies and send them slowly hold their landing buffers (or
+    # the arena's landing pages); past that budget the next PUT is read through aiohttp
+    # (memory as its bytes arrive).
+    monkeypatch.setattr(gateway_server, "BufferPool", lambda: BufferPool(busy_bytes=pool_bytes))
+    async with running_gateway(tmp_path / "data", landing_bytes=landing_bytes) as gw:
         held = body("held", 100_000)
         host, port = gw.url.removeprefix("http://").split(":")
         _, stalled = await asyncio.open_connection(host, int(port))

@@ -195,3 +195,40 @@ class LendingTier(Protocol):
         """Evict ``key`` as a loan; ``None`` when it is absent or cannot be lent (then the
         caller uses :meth:`Tier.evict`)."""
         ...
+
+
+# -- writes without a copy in --------------------------------------------------------------------
+
+
+class Reservation(Protocol):
+    """Storage set aside in a tier for a block whose bytes are still arriving.
+
+    A receiver writes the bytes into :attr:`view` (a socket's ``recv_into``), then hands the
+    block to the hierarchy with the reservation: the tier that made it stores the block by
+    taking the storage over (:meth:`ReservingTier.adopt`), with no copy; any other tier copies
+    from :attr:`view`. :meth:`release` gives back storage that was not adopted (idempotent, and
+    a no-op after adoption); the receiver calls it once the put has returned, whatever happened.
+    """
+
+    @property
+    def view(self) -> memoryview:
+        """Exactly the reserved bytes, writable, valid until :meth:`release` or adoption."""
+        ...
+
+    def release(self) -> None: ...
+
+
+@runtime_checkable
+class ReservingTier(Protocol):
+    """A tier that can receive a block's bytes in place (see :class:`Reservation`)."""
+
+    def reserve(self, nbytes: int) -> Reservation | None:
+        """Set ``nbytes`` aside without evicting anything; ``None`` when there is no room
+        for that right now (the caller receives into its own buffer instead)."""
+        ...
+
+    def adopt(self, key: str, reservation: Reservation, meta: BlockMeta) -> PutOutcome | None:
+        """Store ``key`` from ``reservation``'s storage, as :meth:`Tier.put` would store a copy
+        (and with its outcomes); ``None`` when the reservation is not this tier's to adopt
+        (the caller then puts a copy)."""
+        ...

@@ -10,7 +10,7 @@ from pathlib import Path
 from tiers.base import Tier
 from tiers.clock import SYSTEM_CLOCK, Clock
 from tiers.hierarchy import Hierarchy, HierarchyConfig
-from tiers.memory import DEFAULT_PAGE_BYTES, ArenaTier
+from tiers.memory import DEFAULT_PAGE_BYTES, ArenaTier, cuda_available
 from tiers.policy import make_policy
 from tiers.remote import RemoteSettings, RemoteTier
 
@@ -32,6 +32,9 @@ class TierSettings:
     spill_behind: int = 8
     """Background demotions to disk in flight at once (tiers.hierarchy.HierarchyConfig)."""
     shed_when_disk_behind: bool = False
+    landing_bytes: int = 0
+    """Pages beyond the budget for PUT bodies received in place (tiers.memory.ArenaTier), in
+    the first CPU arena: hbm without a GPU, dram with one."""
     shm_dir: Path | None = None
     """Put the CPU arenas in shared memory there (same-host clients map them); None: private."""
     remote: RemoteSettings | None = None
@@ -66,9 +69,14 @@ async def build_hierarchy(
         "executor": executor,
         "shm_dir": settings.shm_dir,
     }
+    gpu = cuda_available()
     tiers: list[Tier] = [
-        ArenaTier.hbm(settings.hbm_bytes, **arena_kwargs),
-        ArenaTier.dram(settings.dram_bytes, **arena_kwargs),
+        ArenaTier.hbm(
+            settings.hbm_bytes, landing_bytes=0 if gpu else settings.landing_bytes, **arena_kwargs
+        ),
+        ArenaTier.dram(
+            settings.dram_bytes, landing_bytes=settings.landing_bytes if gpu else 0, **arena_kwargs
+        ),
         disk,
     ]
     hierarchy = Hierarchy(

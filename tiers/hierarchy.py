@@ -31,6 +31,8 @@ from tiers.base import (
     PinnableTier,
     PinnedBlock,
     PutOutcome,
+    Reservation,
+    ReservingTier,
     Tier,
     TierStats,
 )
@@ -141,6 +143,7 @@ class Hierarchy:
         # isinstance against a runtime Protocol is slow: decided once, not per read.
         self._pinnable = [isinstance(t, PinnableTier) for t in self._tiers]
         self._lending = [isinstance(t, LendingTier) for t in self._tiers]
+        self._reserving = [isinstance(t, ReservingTier) for t in self._tiers]
         spill_behind = self._config.spill_behind
         self._shed = [0] * len(tiers)
         self._spill_slots = asyncio.Semaphore(spill_behind) if spill_behind > 0 else None
@@ -317,6 +320,17 @@ class Hierarchy:
 
     # -- writes ----------------------------------------------------------------------------
 
+    def reserve(self, nbytes: int) -> Reservation | None:
+        """Room to receive a block of ``nbytes`` in place, for :meth:`put`'s ``reservation``:
+        from the hottest tier that reserves (a CPU arena with landing pages), ``None`` when none
+        can right now. Nothing is evicted for it; the put makes room as usual."""
+        for tier, reserving in zip(self._tiers, self._reserving, strict=True):
+            if reserving:
+                reservation = cast(ReservingTier, tier).reserve(nbytes)
+                if reservation is not None:
+                    return reservation
+        return None
+
     async def put(
         self,
         key: str,
@@ -325,8 +339,13 @@ class Hierarchy:
         publish_if: Callable[[], bool] | None = None,
         fence: Fence | None = None,
         local_only: bool = False,
+        reservation: Reservation | None = None,
     ) -> StoreOutcome:
         """Store ``block`` under ``key`` unless present (first writer wins).
+
+        ``reservation`` (from :meth:`reserve`) holds ``block.data``: the tier that made it
+        takes its storage over instead of copying the bytes in. The caller releases it after
+        this returns, whatever the outcome (a no-op once adopted).
 
         ``publish_if`` is asked at the last synchronous point before the block becomes visible
         (after it is staged in a tier, before it is indexed): ``False`` unstages it and answers
@@ -356,9 +375,11 @@ class Hierarchy:
         self._storing[key] = future
         try:
             if self._shared is None or local_only:
-                outcome = await self._put_new(key, block, publish_if)
+                outcome = await self._put_new(key, block, publish_if, reservation)
             else:
-                outcome = await self._put_shared(self._shared, key, block, publish_if, fence)
+                outcome = await self._put_shared(
+                    self._shared, key, block, publish_if, fence, reservation
+                )
             future.set_result(outcome)
             return outcome
         except BaseException as exc:
@@ -375,6 +396,7 @@ class Hierarchy:
         block: Block,
         publish_if: Callable[[], bool] | None,
         fence: Fence | None,
+        reservation: Reservation | None,
     ) -> StoreOutcome:
         with child_span("kvgate.tier.put") as span:
             if span.is_recording():
@@ -395,7 +417,7 @@ class Hierarchy:
             return StoreOutcome.FENCED
         if remote is PutOutcome.EXISTS:
             return StoreOutcome.EXISTS  # another gateway's copy; it comes here on a read
-        local = await self._put_new(key, block, publish_if)
+        local = await self._put_new(key, block, publish_if, reservation)
         if remote is PutOutcome.STORED and local in (StoreOutcome.NO_ROOM, StoreOutcome.TOO_LARGE):
             return StoreOutcome.STORED  # stored where every gateway finds it
         return local
@@ -434,7 +456,11 @@ class Hierarchy:
         await self.put(key, block, local_only=True)
 
     async def _put_new(
-        self, key: str, block: Block, publish_if: Callable[[], bool] | None
+        self,
+        key: str,
+        block: Block,
+        publish_if: Callable[[], bool] | None,
+        reservation: Reservation | None = None,
     ) -> StoreOutcome:
         size = block.meta.size
         if not any(t.could_ever_fit(size) for t in self._tiers):
@@ -459,7 +485,7 @@ class Hierarchy:
                 continue
             if i < last and not self._policies[i].admit(access):
                 continue
-            outcome = await self._store_at(i, key, block)
+            outcome = await self._store_at(i, key, block, reservation)
             if outcome is PutOutcome.STORED:
                 if key in self._index:
                     self._index[key].tier = i
@@ -668,7 +694,9 @@ class Hierarchy:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _store_at(self, i: int, key: str, block: Block) -> PutOutcome:
+    async def _store_at(
+        self, i: int, key: str, block: Block, reservation: Reservation | None = None
+    ) -> PutOutcome:
         """Store into tier ``i``, demoting its victims until the block fits."""
         tier = self._tiers[i]
         size = block.meta.size
@@ -678,12 +706,14 @@ class Hierarchy:
             if span.is_recording():
                 span.set_attributes(key_attrs(key, tier.name))
                 span.set_attribute(ATTR_BYTES, size)
-            outcome = await self._store_locked(i, key, block, span)
+            outcome = await self._store_locked(i, key, block, span, reservation)
             if span.is_recording():
                 span.set_attribute(ATTR_OUTCOME, outcome.value)
             return outcome
 
-    async def _store_locked(self, i: int, key: str, block: Block, span: Span) -> PutOutcome:
+    async def _store_locked(
+        self, i: int, key: str, block: Block, span: Span, reservation: Reservation | None
+    ) -> PutOutcome:
         tier = self._tiers[i]
         size = block.meta.size
         async with self._locks[i]:
@@ -694,7 +724,12 @@ class Hierarchy:
                 await self._demote(i, victim)
             started = self._clock.monotonic()
             try:
-                outcome = await tier.put(key, block)
+                adopted = (
+                    cast(ReservingTier, tier).adopt(key, reservation, block.meta)
+                    if reservation is not None and self._reserving[i]
+                    else None
+                )
+                outcome = adopted if adopted is not None else await tier.put(key, block)
             except TierError as exc:
                 log.warning("tier %s failed storing a block: %s", tier.name, exc)
                 note_failure(span, exc, what="put")

@@ -5,6 +5,12 @@ present and on the CPU otherwise, and in pinned host memory for DRAM when CUDA i
 host-device copies can be asynchronous DMA). No allocation happens per block: a block is a list of
 byte runs (views) into the arena, handed out by :class:`~tiers.allocator.PageAllocator`.
 
+With ``landing_bytes`` a CPU arena has that many pages more than its budget, for
+:meth:`ArenaTier.reserve`: a PUT body is received straight into them and the block then takes
+them over (:meth:`ArenaTier.adopt`) instead of being copied in. They are charged to a ledger of
+their own while they are a reservation and move to the tier's ledger on adoption, so the budget
+(``capacity_bytes``) still bounds what the tier stores.
+
 With ``shm_dir`` a CPU arena lives in a shared-memory segment (:mod:`tiers.shmseg`) that
 same-host clients map, and :meth:`ArenaTier.pin` lends a block's pages out (for a zero-copy HTTP
 write or a shared-memory descriptor): a pinned block that is deleted or evicted leaves the index
@@ -14,6 +20,7 @@ at once, but its pages (and their charge in the ledger) are freed only at the la
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import warnings
 from concurrent.futures import Executor
@@ -26,9 +33,9 @@ from opentelemetry import trace
 from opentelemetry.trace import Span
 
 from tiers.allocator import PageAllocator, Run
-from tiers.base import Loan, Placement, PutOutcome, TierStats
+from tiers.base import Loan, Placement, PutOutcome, Reservation, TierStats
 from tiers.block import Block, BlockMeta
-from tiers.errors import TierClosed, TierConfigError
+from tiers.errors import TierClosed, TierConfigError, TierError
 from tiers.ledger import CapacityLedger
 from tiers.observe import ATTR_BYTES, ATTR_TIER, child_span
 from tiers.shmseg import SegmentInfo, ShmSegment, register_local_cuda
@@ -88,6 +95,22 @@ class ArenaPin:
             self._tier._unpin(self._entry)
 
 
+@dataclass(slots=True, eq=False)
+class ArenaReservation:
+    """Pages of one arena set aside for a block still arriving (tiers.base.Reservation)."""
+
+    view: memoryview
+    _tier: ArenaTier
+    _runs: list[Run]
+    _charge_key: str
+    _open: bool = True
+
+    def release(self) -> None:
+        if self._open:
+            self._open = False
+            self._tier._unreserve(self)
+
+
 def cuda_available() -> bool:
     return torch.cuda.is_available()
 
@@ -108,23 +131,35 @@ class ArenaTier:
         executor: Executor | None = None,
         inline_copy_bytes: int = DEFAULT_INLINE_COPY_BYTES,
         shm_dir: Path | None = None,
+        landing_bytes: int = 0,
     ) -> None:
         if page_bytes <= 0:
             raise TierConfigError("page_bytes must be positive")
+        if landing_bytes < 0:
+            raise TierConfigError("landing_bytes must be >= 0")
         npages = capacity_bytes // page_bytes
+        landing_pages = landing_bytes // page_bytes
         self.name = name
         self._torch_device = torch.device(device)
         self._pinned = pin_memory and self._torch_device.type == "cpu"
         self._registered: int | None = None  # address of a shared arena page-locked by us
         self._ipc_handle: tuple[object, ...] | None = None
-        self._alloc = PageAllocator(npages, page_bytes)
+        self._alloc = PageAllocator(npages + landing_pages, page_bytes)
         self._ledger = CapacityLedger(npages * page_bytes)
+        # Reservations are charged here, not to the budget: a tier full of blocks can still
+        # receive the next one in place while the hierarchy makes room for it.
+        self._landing_ledger = CapacityLedger(landing_pages * page_bytes)
+        self._reservation_ids = itertools.count()
+        self.adopted = 0
+        """Blocks stored by adopting a reservation (no copy in)."""
         self._entries: dict[str, _Entry] = {}
         self._executor = executor
         self._inline_copy_bytes = inline_copy_bytes
         self._segment: ShmSegment | None = None
         self._held = 0
-        self._arena: torch.Tensor | None = self._allocate(npages * page_bytes, shm_dir)
+        self._arena: torch.Tensor | None = self._allocate(
+            (npages + landing_pages) * page_bytes, shm_dir
+        )
         self.device = str(self._torch_device) + ("-pinned" if self._pinned else "")
         # On the CPU the arena is also reachable as a flat memoryview: slicing it is free and
         # copying into/out of it is one memcpy without torch's per-op overhead.
@@ -210,6 +245,66 @@ class ArenaTier:
             self._drop(key)
             self._evictions += 1
         return Block(data, entry.meta)
+
+    # -- reservations (tiers.base.ReservingTier) ------------------------------------------
+
+    def reserve(self, nbytes: int) -> ArenaReservation | None:
+        """One run of landing pages for ``nbytes``; ``None`` without a CPU arena, when the
+        landing pages are taken, or when no single run is free (a body is received into one
+        buffer)."""
+        view = self._view
+        if view is None or nbytes <= 0:
+            return None
+        charge_key = f"\x00landing:{next(self._reservation_ids)}"
+        if not self._landing_ledger.charge(charge_key, self._charge(nbytes)):
+            return None
+        runs = self._alloc.allocate(nbytes)
+        if runs is None or len(runs) != 1:
+            if runs is not None:
+                self._alloc.free(runs)
+            self._landing_ledger.release(charge_key)
+            return None
+        start, stop = runs[0]
+        return ArenaReservation(view[start:stop], self, runs, charge_key)
+
+    def adopt(self, key: str, reservation: Reservation, meta: BlockMeta) -> PutOutcome | None:
+        """Store ``key`` in the pages of this tier's own open ``reservation``, with no copy."""
+        if (
+            not isinstance(reservation, ArenaReservation)
+            or reservation._tier is not self
+            or not reservation._open
+        ):
+            return None
+        self._live()
+        if meta.size != len(reservation.view):
+            raise TierError(
+                f"a block of {meta.size} bytes in a {len(reservation.view)}-byte reservation"
+            )
+        if key in self._entries:
+            return PutOutcome.EXISTS
+        charge = self._charge(meta.size)
+        if not self._ledger.could_ever_fit(charge):
+            return PutOutcome.TOO_LARGE
+        if not self._ledger.charge(key, charge):
+            return PutOutcome.NO_ROOM
+        reservation._open = False
+        self._landing_ledger.release(reservation._charge_key)
+        self._entries[key] = _Entry(reservation._runs, meta)
+        self.adopted += 1
+        return PutOutcome.STORED
+
+    @property
+    def landing_bytes(self) -> int:
+        """Pages for reservations, beyond the budget."""
+        return self._landing_ledger.capacity_bytes
+
+    @property
+    def reserved_bytes(self) -> int:
+        return self._landing_ledger.used_bytes
+
+    def _unreserve(self, reservation: ArenaReservation) -> None:
+        self._alloc.free(reservation._runs)
+        self._landing_ledger.release(reservation._charge_key)
 
     def lend(self, key: str) -> Loan | None:
         """Evict ``key`` without copying it out (tiers.base.LendingTier): a block of one run in
