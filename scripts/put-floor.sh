@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # PUT of 1 MiB blocks, 16 clients: the floor server (loadtest/put_floor.py), the bare aiohttp
-# dict server, redis-server and kvgate with disk_shed, in alternating rounds of one run, with
+# dict server, redis-server and kvgate with disk_shed (bodies adopted from the arena's landing
+# pages, and copied in as before), in alternating rounds of one run, with
 # each server's CPU time per PUT. docs/perf.md, "The floor for PUT", shows a run.
 #
 #   scripts/put-floor.sh [ROUNDS] [SECONDS]      # default 5 rounds x 4 s
@@ -21,12 +22,19 @@ command -v redis-server >/dev/null || { echo "redis-server not found (scripts/sy
 KVGATE_DISK_SHED=true "$PY" -m gateway.cli serve --port $((BASE + 1)) --data-dir "$tmp/kv" \
   --hbm-bytes 256MiB --dram-bytes 512MiB --disk-bytes 2GiB --no-shm >"$tmp/kvgate.log" 2>&1 &
 pids+=($!); kvgate=$!
+# The same, with every body copied in from a buffer instead of adopted from the arena's
+# landing pages: what receiving in place is worth, in the same run.
+KVGATE_DISK_SHED=true KVGATE_LANDING_BYTES=0 "$PY" -m gateway.cli serve --port $((BASE + 4)) \
+  --data-dir "$tmp/kv-copy" --hbm-bytes 256MiB --dram-bytes 512MiB --disk-bytes 2GiB --no-shm \
+  >"$tmp/kvgate-copy.log" 2>&1 &
+pids+=($!); kvcopy=$!
 redis-server --port "$BASE" --save "" --appendonly no --maxmemory 1gb \
   --maxmemory-policy allkeys-lru --client-output-buffer-limit "normal 0 0 0" >"$tmp/redis.log" 2>&1 &
 pids+=($!); redis=$!
 
 for _ in $(seq 100); do
-  curl -fs "http://127.0.0.1:$((BASE + 1))/readyz" >/dev/null 2>&1 && break
+  curl -fs "http://127.0.0.1:$((BASE + 1))/readyz" >/dev/null 2>&1 &&
+    curl -fs "http://127.0.0.1:$((BASE + 4))/readyz" >/dev/null 2>&1 && break
   sleep 0.2  # waiting for start-up, not for time to pass in a test
 done
 
@@ -35,7 +43,8 @@ hz=$(getconf CLK_TCK)
 echo "round target GB/s server_cpu_us_per_put"
 for round in $(seq "$ROUNDS"); do
   for spec in "floor dict $((BASE + 2)) $floor" "dict dict $((BASE + 3)) $dict" \
-              "redis redis $BASE $redis" "kvgate-shed kvgate $((BASE + 1)) $kvgate"; do
+              "redis redis $BASE $redis" "kvgate-shed kvgate $((BASE + 1)) $kvgate" \
+              "kvgate-shed-copy kvgate $((BASE + 4)) $kvcopy"; do
     read -r name target port pid <<<"$spec"
     url=http://127.0.0.1:$port
     [ "$target" = redis ] && url=redis://127.0.0.1:$port/0

@@ -156,9 +156,10 @@ async def test_a_fenced_adopted_block_leaves_nothing_behind() -> None:
     assert outcome is StoreOutcome.FENCED and not h.contains("f")
     assert hbm.stats().used_bytes == 0 and hbm.reserved_bytes == 0
     # Every page is free again: the whole budget plus the landing pages can be reserved.
-    assert hbm.reserve(2 * PAGE) is not None and await hbm.put(
-        "g", Block.of(b"g" * 2 * PAGE)
-    ) is PutOutcome.STORED
+    assert (
+        hbm.reserve(2 * PAGE) is not None
+        and await hbm.put("g", Block.of(b"g" * 2 * PAGE)) is PutOutcome.STORED
+    )
 
 
 async def test_http_puts_land_in_the_hbm_arena_and_read_back(tmp_path: Path) -> None:

@@ -204,3 +204,18 @@ async def test_observer_counts_hits_and_misses_per_tier() -> None:
         "by_tier": {"disk": 1},
     }
     await h.close()
+
+
+async def test_a_put_received_in_place_says_so_and_has_no_copy(traced: Traced) -> None:
+    hbm = ArenaTier("hbm", 2 * BLOCK, page_bytes=PAGE, landing_bytes=BLOCK)
+    h = Hierarchy([hbm])
+    reservation = h.reserve(BLOCK)
+    assert reservation is not None
+    reservation.view[:] = payload("a", BLOCK)
+    with traced.tracer.start_as_current_span("request"):
+        await h.put("a", Block.of(reservation.view), reservation=reservation)
+        await h.put("b", Block.of(payload("b", BLOCK)))
+    reservation.release()
+    puts = traced.spans("kvgate.tier.put")
+    assert [(s.attributes or {}).get("kvgate.put.in_place") for s in puts] == [True, None]
+    assert [(s.attributes or {}).get("kvgate.copy.inline") for s in puts] == [None, True]

@@ -729,6 +729,9 @@ class Hierarchy:
                     if reservation is not None and self._reserving[i]
                     else None
                 )
+                if adopted is not None and span.is_recording():
+                    # Received in place: no copy into the tier (tiers.base.Reservation).
+                    span.set_attribute("kvgate.put.in_place", True)
                 outcome = adopted if adopted is not None else await tier.put(key, block)
             except TierError as exc:
                 log.warning("tier %s failed storing a block: %s", tier.name, exc)
