@@ -10,8 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from loadtest.gentrace import ChatTraceConfig, generate
+from loadtest.simulate import Simulator, TierSpec, TraceRequest, distinct_blocks
 from tiers.errors import TierConfigError
 from tiers.policies import (
+    AdaptivePrefixPolicy,
     BeladyPolicy,
     ChainLRUPolicy,
     ChainS3FIFOPolicy,
@@ -21,9 +24,16 @@ from tiers.policies import (
     WTinyLFUPolicy,
 )
 from tiers.policies.sketch import FrequencySketch
-from tiers.policy import DEFAULT_POLICY, Access, EvictionPolicy, make_policy, policy_names
+from tiers.policy import (
+    DEFAULT_POLICY,
+    Access,
+    EvictionPolicy,
+    LRUPolicy,
+    make_policy,
+    policy_names,
+)
 
-LIVE = ["lru", "chain-lru", "prefix-lru2", "w-tinylfu", "ttl", "chain-s3fifo"]
+LIVE = ["lru", "chain-lru", "prefix-lru2", "w-tinylfu", "ttl", "chain-s3fifo", "prefix-adaptive"]
 
 
 def miss_insert(p: EvictionPolicy, key: str, now: float = 0.0, **kw: object) -> None:
@@ -123,6 +133,65 @@ def test_prefix_lru2_child_never_outranks_parent() -> None:
     # the child alone is seen again (say through another tier); it still goes before its parent
     p.on_hit(Access("child", now=1.0, depth=1, prev="root"))
     assert drain(p) == ["child", "root"]
+
+
+def test_prefix_adaptive_orders_like_prefix_lru2_without_evidence() -> None:
+    p = AdaptivePrefixPolicy()
+    assert p.ranking == "lru2"
+    miss_insert(p, "hot", now=0.0)
+    p.on_hit(Access("hot", now=1.0))
+    for i in range(3):
+        miss_insert(p, f"once{i}", now=2.0 + i)
+    assert drain(p) == ["once0", "once1", "once2", "hot"]
+    miss_insert(p, "root", now=5.0, depth=0)
+    miss_insert(p, "child", now=5.0, depth=1, prev="root")
+    p.on_hit(Access("child", now=6.0, depth=1, prev="root"))
+    assert drain(p) == ["child", "root"]
+
+
+def replay(policy: EvictionPolicy, trace: list[TraceRequest], capacity: int) -> float:
+    sim = Simulator([(TierSpec("t", capacity), policy)])
+    for req in trace:
+        sim.request(req)
+    ratio = sim.result()["prefix_hit_ratio"]
+    assert isinstance(ratio, float)
+    return ratio
+
+
+def test_prefix_adaptive_switches_to_lru_on_conversations() -> None:
+    # Short think times and room for a tenth of the blocks: the regime where LRU-2 throws out
+    # each session's newest suffix (the next turn's prefix) and plain LRU does better.
+    config = ChatTraceConfig(sessions=600, think_median_s=10.0, mean_turns=3.0, seed=2)
+    trace = [
+        TraceRequest(float(r["timestamp"]), tuple(str(h) for h in r["hash_ids"]))
+        for r in generate(config)
+    ]
+    capacity = distinct_blocks(trace) // 10
+    lru = replay(LRUPolicy(), trace, capacity)
+    lru2 = replay(PrefixLRU2Policy(), trace, capacity)
+    assert lru > lru2 * 1.05
+    for sample_blocks in (1024, 32):  # full-size shadows, and sampled ones
+        p = AdaptivePrefixPolicy(sample_blocks=sample_blocks)
+        ratio = replay(p, trace, capacity)
+        assert p.ranking == "lru" and p.switches >= 1
+        assert ratio > lru2 and ratio >= lru * 0.97
+
+
+def test_prefix_adaptive_stays_lru2_where_frequency_wins() -> None:
+    # Eight hot documents asked for again and again between one-off documents twice their
+    # size: LRU lets each one-off flush the hot ones, LRU-2 keeps them. The duel must agree.
+    trace: list[TraceRequest] = []
+    t = 0.0
+    for r in range(100):
+        for h in range(8):
+            t += 100.0
+            trace.append(TraceRequest(t, tuple(f"hot{h}:{d}" for d in range(4))))
+            t += 100.0
+            trace.append(TraceRequest(t, tuple(f"new{r}.{h}:{d}" for d in range(8))))
+    p = AdaptivePrefixPolicy()
+    ratio = replay(p, trace, 48)
+    assert p.ranking == "lru2" and p.switches == 0
+    assert ratio == replay(PrefixLRU2Policy(), trace, 48) > replay(LRUPolicy(), trace, 48)
 
 
 def test_wtinylfu_frequent_block_survives_a_scan() -> None:

@@ -6,6 +6,7 @@ builds it, as the yardstick.
 
 from __future__ import annotations
 
+from tiers.policies.adaptive import AdaptivePrefixPolicy
 from tiers.policies.belady import BeladyPolicy, FutureOracle
 from tiers.policies.chain import ChainLRUPolicy
 from tiers.policies.prefix import PrefixLRU2Policy
@@ -19,10 +20,12 @@ BUILTIN = {
     WTinyLFUPolicy.name: WTinyLFUPolicy,
     TTLPolicy.name: TTLPolicy,
     ChainS3FIFOPolicy.name: ChainS3FIFOPolicy,
+    AdaptivePrefixPolicy.name: AdaptivePrefixPolicy,
 }
 
 __all__ = [
     "BUILTIN",
+    "AdaptivePrefixPolicy",
     "BeladyPolicy",
     "ChainLRUPolicy",
     "ChainS3FIFOPolicy",
