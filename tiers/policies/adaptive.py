@@ -37,63 +37,16 @@ in each shadow (heaps with lazy deletion, compacted at twice the live size).
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import math
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 
+from tiers.policies._ranking import Ranking
 from tiers.policy import Access
 
 _NEVER = -math.inf
 _FULL = 1 << 32  # CRC-32 range: a threshold of _FULL samples every key
-# (rank, last access, -depth, tie-breaking sequence, key)
-_Entry = tuple[float, float, int, int, str]
-
-
-class _Ranking:
-    """Keys in eviction order: a min-heap with lazy deletion; a block never outranks its parent
-    (ties deepest first), so chains are trimmed from the tail."""
-
-    __slots__ = ("entries", "heap", "seq")
-
-    def __init__(self) -> None:
-        self.entries: dict[str, _Entry] = {}
-        self.heap: list[_Entry] = []
-        self.seq = itertools.count()
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def rank(self, key: str, rank: float, last: float, depth: int, prev: str | None) -> None:
-        if prev is not None:
-            parent = self.entries.get(prev)
-            if parent is not None and (parent[0], parent[1]) < (rank, last):
-                rank, last = parent[0], parent[1]
-        entry: _Entry = (rank, last, -depth, next(self.seq), key)
-        self.entries[key] = entry
-        heapq.heappush(self.heap, entry)
-        if len(self.heap) > 2 * len(self.entries) + 64:
-            self.heap = list(self.entries.values())
-            heapq.heapify(self.heap)
-
-    def victim(self, exclude: Callable[[str], bool] | None = None) -> str | None:
-        heap = self.heap
-        skipped: list[_Entry] = []
-        found: str | None = None
-        while heap:
-            top = heap[0]
-            if self.entries.get(top[4]) is not top:
-                heapq.heappop(heap)
-                continue
-            if exclude is None or not exclude(top[4]):
-                found = top[4]
-                break
-            skipped.append(heapq.heappop(heap))
-        for entry in skipped:
-            heapq.heappush(heap, entry)
-        return found
 
 
 class _Shadow:
@@ -102,7 +55,7 @@ class _Shadow:
     __slots__ = ("hits", "intact", "order", "recency")
 
     def __init__(self, *, recency: bool) -> None:
-        self.order = _Ranking()
+        self.order = Ranking()
         self.recency = recency  # rank by the last access (LRU), else the penultimate (LRU-2)
         self.hits = 0  # prefix hits of the current request
         self.intact = True  # no sampled block of the current request has missed yet
@@ -145,7 +98,7 @@ class AdaptivePrefixPolicy:
         sample_blocks: int = 1024,
         z: float = 2.0,
     ) -> None:
-        self._live = _Ranking()
+        self._live = Ranking()
         self._recency = False  # the live ranking: LRU-2 until the duel says LRU
         # key -> (last access, access before that); bounded, oldest forgotten first
         self._history: OrderedDict[str, tuple[float, float]] = OrderedDict()

@@ -21,58 +21,42 @@ lazy deletion).
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import math
 from collections import OrderedDict
 from collections.abc import Callable
 
+from tiers.policies._ranking import Ranking
 from tiers.policy import Access
 
 _NEVER = -math.inf
-# (penultimate access or -inf, last access, -depth, tie-breaking sequence, key)
-_Entry = tuple[float, float, int, int, str]
 
 
 class PrefixLRU2Policy:
     name = "prefix-lru2"
 
     def __init__(self, *, history_factor: int = 8, min_history: int = 1024) -> None:
-        self._entries: dict[str, _Entry] = {}
-        self._heap: list[_Entry] = []
-        self._seq = itertools.count()
+        self._ranking = Ranking()
         # key -> (last access, access before that); bounded, oldest forgotten first
         self._history: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self._history_factor = history_factor
         self._min_history = min_history
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._ranking)
 
     def __contains__(self, key: str) -> bool:
-        return key in self._entries
+        return key in self._ranking.entries
 
     def _record(self, access: Access) -> None:
         old = self._history.pop(access.key, None)
         self._history[access.key] = (access.now, old[0] if old is not None else _NEVER)
-        limit = max(self._min_history, self._history_factor * len(self._entries))
+        limit = max(self._min_history, self._history_factor * len(self._ranking))
         while len(self._history) > limit:
             self._history.popitem(last=False)
 
     def _rank(self, access: Access) -> None:
-        key = access.key
-        last, penult = self._history.get(key, (access.now, _NEVER))
-        prev = access.prev
-        if prev is not None:
-            parent = self._entries.get(prev)
-            if parent is not None and (parent[0], parent[1]) < (penult, last):
-                penult, last = parent[0], parent[1]
-        entry: _Entry = (penult, last, -(access.depth or 0), next(self._seq), key)
-        self._entries[key] = entry
-        heapq.heappush(self._heap, entry)
-        if len(self._heap) > 2 * len(self._entries) + 64:
-            self._heap = list(self._entries.values())
-            heapq.heapify(self._heap)
+        last, penult = self._history.get(access.key, (access.now, _NEVER))
+        self._ranking.rank(access.key, penult, last, access.depth or 0, access.prev)
 
     def admit(self, access: Access) -> bool:
         return True
@@ -85,25 +69,11 @@ class PrefixLRU2Policy:
 
     def on_hit(self, access: Access) -> None:
         self._record(access)
-        if access.key in self._entries:
+        if access.key in self._ranking.entries:
             self._rank(access)
 
     def on_remove(self, key: str) -> None:
-        self._entries.pop(key, None)
+        self._ranking.entries.pop(key, None)
 
     def victim(self, exclude: Callable[[str], bool] | None = None) -> str | None:
-        heap = self._heap
-        skipped: list[_Entry] = []
-        found: str | None = None
-        while heap:
-            top = heap[0]
-            if self._entries.get(top[4]) is not top:
-                heapq.heappop(heap)
-                continue
-            if exclude is None or not exclude(top[4]):
-                found = top[4]
-                break
-            skipped.append(heapq.heappop(heap))
-        for entry in skipped:
-            heapq.heappush(heap, entry)
-        return found
+        return self._ranking.victim(exclude)
