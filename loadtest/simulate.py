@@ -153,6 +153,9 @@ class Simulator:
                 if in_prefix:
                     hits += 1
                     tier.prefix_hits += 1
+                # As the live hierarchy does: every tier above the one that holds it missed.
+                for upper in tiers[:idx]:
+                    upper.policy.on_miss(access)
                 tier.policy.on_hit(access)
                 if idx > 0 and tiers[0].policy.admit(access):
                     tier.keys.discard(key)

@@ -11,8 +11,12 @@ from pathlib import Path
 import pytest
 
 from loadtest import replay
-from loadtest.simulate import read_trace
+from loadtest.simulate import Simulator, TierSpec, TraceRequest, read_trace
 from tests.conftest import RunningGateway
+from tiers.block import Block
+from tiers.hierarchy import Hierarchy
+from tiers.memory import ArenaTier
+from tiers.policy import Access, LRUPolicy
 
 # CI clones the repo with shared/ beside it.
 REAL_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "synthetic_trace.jsonl"
@@ -197,3 +201,37 @@ async def test_live_replay_against_a_real_gateway_matches_the_simulation(
     assert result["hits"] == expected["hits"] and int(result["hits"]) > 0  # type: ignore[call-overload]
     latency = result["latency"]
     assert isinstance(latency, dict) and "lookup" in latency and "get:hbm" in latency
+
+
+class _Recording(LRUPolicy):
+    """LRU that records which keys it was told missed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.missed: list[str] = []
+
+    def on_miss(self, access: Access) -> None:
+        self.missed.append(access.key)
+        super().on_miss(access)
+
+
+async def test_a_hit_below_is_a_miss_above_in_the_simulator_as_in_the_live_hierarchy() -> None:
+    # What is tuned offline is what runs: a hit in dram tells hbm's policy it missed there too
+    # (history-keeping policies such as prefix-lru2 rank the promoted block by it).
+    keys = ["a", "b", "a"]  # "b" pushes "a" down to dram; then "a" is read from there
+    sim_top, sim_below = _Recording(), _Recording()
+    sim = Simulator([(TierSpec("hbm", 1), sim_top), (TierSpec("dram", 4), sim_below)])
+    for i, key in enumerate(keys):
+        sim.request(TraceRequest(float(i), (key,)))
+    live_top, live_below = _Recording(), _Recording()
+    h = Hierarchy(
+        [ArenaTier("hbm", 4096, page_bytes=4096), ArenaTier("dram", 4 * 4096, page_bytes=4096)],
+        policies=[live_top, live_below],
+    )
+    for key in keys:
+        if await h.get(key) is None:
+            await h.put(key, Block.of(key.encode() * 4096))
+        await h.quiesce()
+    assert h.locate("a") == "hbm"
+    assert live_top.missed == ["a", "b", "a"]
+    assert sim_top.missed == live_top.missed
