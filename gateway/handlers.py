@@ -383,6 +383,8 @@ class Handlers:
         keys = keys_of(payload, limit=MAX_LOOKUP_KEYS)
         pin_ms = parse_pin_ms(payload.get("pin_ms"), where="lookup")
         scoped = [ctx.scope(k) for k in keys]
+        # A lookup is how a frontend starts a request: the policies learn its chain here.
+        self._state.store.note_request(scoped)
         if pin_ms is None:
             tiers = await self._state.store.lookup_shared(scoped)
             return json_response({"prefix_hits": len(tiers), "tiers": tiers})

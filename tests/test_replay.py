@@ -8,6 +8,7 @@ import random
 from collections import OrderedDict
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from loadtest import replay
@@ -235,3 +236,75 @@ async def test_a_hit_below_is_a_miss_above_in_the_simulator_as_in_the_live_hiera
     assert h.locate("a") == "hbm"
     assert live_top.missed == ["a", "b", "a"]
     assert sim_top.missed == live_top.missed
+
+
+class _Events(LRUPolicy):
+    """LRU that records every event it is told, with the access's chain hints."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[tuple[str, str, int | None, str | None]] = []
+
+    def on_miss(self, access: Access) -> None:
+        self.events.append(("miss", access.key, access.depth, access.prev))
+        super().on_miss(access)
+
+    def on_hit(self, access: Access) -> None:
+        self.events.append(("hit", access.key, access.depth, access.prev))
+        super().on_hit(access)
+
+    def on_insert(self, access: Access) -> None:
+        self.events.append(("insert", access.key, access.depth, access.prev))
+        super().on_insert(access)
+
+    def reads(self) -> list[tuple[str, str, int | None, str | None]]:
+        return [e for e in self.events if e[0] != "insert"]
+
+
+async def test_the_live_request_flow_tells_the_policy_what_the_simulator_does() -> None:
+    # A frontend looks a prompt's chain up, reads the present prefix and stores the rest.
+    # The live policy must see the same reads, in the same order and with the same chain
+    # hints, as the simulator's: that is what makes offline tuning carry over.
+    # One known difference is left out: a block present *after* its request's first miss is
+    # a hit for the live lookup but may be evicted by an earlier block of the same request in
+    # the simulator, which inserts each missing block as it goes. Prefix hits never differ.
+    requests = [("a", "b", "c"), ("a", "b", "d"), ("a", "e"), ("a", "e", "f"), ("a", "b", "g")]
+    sim_policy = _Events()
+    sim = Simulator([(TierSpec("hbm", 3), sim_policy)])
+    for i, keys in enumerate(requests):
+        sim.request(TraceRequest(float(i), keys))
+    live_policy = _Events()
+    h = Hierarchy([ArenaTier("hbm", 3 * 4096, page_bytes=4096)], policies=[live_policy])
+    for keys in requests:
+        h.note_request(keys)
+        present = len(h.lookup(keys))
+        for key in keys[:present]:
+            assert await h.get(key) is not None
+        for key in keys[present:]:
+            await h.put(key, Block.of(key.encode() * 4096))
+    assert live_policy.reads() == sim_policy.reads()
+    assert sorted(e for e in live_policy.events if e[0] == "insert") == sorted(
+        e for e in sim_policy.events if e[0] == "insert"
+    )
+    assert ("hit", "e", 1, "a") in live_policy.reads()  # a hit carries its chain position
+
+
+async def test_a_looked_up_read_counts_once_and_carries_its_chain(gateway: RunningGateway) -> None:
+    policy = _Events()
+    gateway.hierarchy._policies[0] = policy  # the hbm tier's, where these blocks live
+    keys = ["r0", "r1", "r2"]
+    async with aiohttp.ClientSession() as http:
+        for key in keys[:2]:
+            async with http.put(gateway.block_url(key), data=key.encode() * 100) as resp:
+                assert resp.status == 201
+        policy.events.clear()
+        async with http.post(f"{gateway.url}/v1/lookup", json={"keys": keys}) as resp:
+            assert (await resp.json())["prefix_hits"] == 2
+        for key in keys[:2]:
+            async with http.get(gateway.block_url(key)) as resp:
+                assert resp.status == 200
+    assert policy.reads() == [
+        ("hit", "default/r0", 0, None),
+        ("hit", "default/r1", 1, "default/r0"),
+        ("miss", "default/r2", 2, "default/r1"),
+    ]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -93,6 +94,13 @@ class HierarchyConfig:
     """With ``spill_behind`` slots all busy: drop the victim (True) or wait for a slot."""
 
 
+# Chain positions remembered (key -> depth, parent), and looked-up hits whose next read is not
+# counted again (see Hierarchy.note_request). A block's position never changes (its key names
+# its whole prefix), so forgetting the oldest costs only a hint.
+CHAIN_MEMORY = 1 << 16
+NOTED_MEMORY = 1 << 12
+
+
 @dataclass(slots=True)
 class _Loc:
     tier: int
@@ -136,6 +144,8 @@ class Hierarchy:
         self._persistent = next(
             (i for i in range(len(self._tiers) - 1, -1, -1) if not self._tiers[i].volatile), None
         )
+        self._chain: OrderedDict[str, tuple[int, str | None]] = OrderedDict()
+        self._noted: OrderedDict[str, None] = OrderedDict()
         self._promotions = [0] * len(tiers)
         self._demotions = [0] * len(tiers)
         self.observer = observer
@@ -172,7 +182,7 @@ class Hierarchy:
                 size = _size_hint(tier, key)
                 self._index[key] = _Loc(i, size, None)
                 self._account(key, size)
-                self._policies[i].on_insert(Access(key, size, self._clock.time()))
+                self._policies[i].on_insert(self._access(key, size))
 
     async def close(self) -> None:
         await self.quiesce()
@@ -217,6 +227,63 @@ class Hierarchy:
             found.append(tier)
         return found
 
+    def note_request(self, keys: Sequence[str]) -> None:
+        """``keys`` are one prompt's chain of blocks, looked up by a serving frontend that will
+        read the present prefix and store the rest.
+
+        The policies learn the request here, in chain order with each block's depth and parent,
+        the way the trace simulator replays it (loadtest.simulate): a present block is a hit in
+        its tier and a miss above, an absent one a miss everywhere. The next read of each hit
+        is then not counted a second time (a block touched twice at once would look reused to
+        LRU-2), and later accesses to these keys carry their chain position (the clamp that
+        keeps chains from being cut at the head).
+        """
+        chain = self._chain
+        noted = self._noted
+        prev: str | None = None
+        now = self._clock.time()
+        for depth, key in enumerate(keys):
+            chain[key] = (depth, prev)
+            chain.move_to_end(key)
+            if key not in self._moving:
+                loc = self._index.get(key)
+                access = Access(key, now=now, depth=depth, prev=prev)
+                if loc is None or self._expired(loc):
+                    self._touch(access, None)
+                else:
+                    self._touch(access, loc.tier)
+                    noted[key] = None
+                    noted.move_to_end(key)
+            prev = key
+        while len(chain) > CHAIN_MEMORY:
+            chain.popitem(last=False)
+        while len(noted) > NOTED_MEMORY:
+            noted.popitem(last=False)
+
+    def chain_position(self, key: str) -> tuple[int, str | None] | None:
+        """``(depth, parent)`` of ``key`` as the last lookup of its chain gave it."""
+        return self._chain.get(key)
+
+    def _access(self, key: str, size: int = 1) -> Access:
+        position = self._chain.get(key)
+        now = self._clock.time()
+        if position is None:
+            return Access(key, size, now)
+        return Access(key, size, now, position[0], position[1])
+
+    def _touch(self, access: Access, idx: int | None) -> None:
+        """Tell the policies of a read: a hit in tier ``idx`` (a miss above), or a miss."""
+        if self._noted and self._noted.pop(access.key, 0) is None:
+            return  # counted when its request was looked up (note_request)
+        policies = self._policies
+        if idx is None:
+            for policy in policies:
+                policy.on_miss(access)
+            return
+        for policy in policies[:idx]:
+            policy.on_miss(access)
+        policies[idx].on_hit(access)
+
     async def lookup_shared(self, keys: Sequence[str]) -> list[str]:
         """As :meth:`lookup`, counting blocks only the shared remote tier holds (``remote``)."""
         found = self.lookup(keys)
@@ -240,7 +307,7 @@ class Hierarchy:
         return found
 
     async def get(self, key: str, *, hint: Access | None = None) -> Hit | None:
-        access = hint or Access(key, now=self._clock.time())
+        access = hint or self._access(key)
         tenant = split_key(key)[0]
         moving = self._moving.get(key)
         if moving is not None:
@@ -256,8 +323,7 @@ class Hierarchy:
             return moving
         loc = self._index.get(key)
         if loc is None:
-            for policy in self._policies:
-                policy.on_miss(access)
+            self._touch(access, None)
             self._index_misses(key, len(self._tiers))
             hit = None if self._shared is None else await self._get_shared(key)
             self.observer.block_read(tenant, None if hit is None else hit.tier)
@@ -281,9 +347,7 @@ class Hierarchy:
             self.observer.block_read(tenant, None)
             return None
         self.observer.block_read(tenant, tier.name)
-        for policy in self._policies[:idx]:
-            policy.on_miss(access)
-        self._policies[idx].on_hit(access)
+        self._touch(access, idx)
         if idx > 0 and self._config.promote_on_hit:
             self._spawn(self._promote(key, block))
         return Hit(block, tier.name)
@@ -303,13 +367,10 @@ class Hierarchy:
             hit = await self.get(key)  # lost under us: get() does the bookkeeping of a miss
             return None if hit is None else PinnedHit(HeldBlock(hit.block), hit.tier)
         idx = loc.tier
-        access = Access(key, now=self._clock.time())
         self._index_misses(key, idx)
         self.observer.tier_get(name, 0.0, True)
         self.observer.block_read(split_key(key)[0], name)
-        for policy in self._policies[:idx]:
-            policy.on_miss(access)
-        self._policies[idx].on_hit(access)
+        self._touch(self._access(key), idx)
         if idx > 0 and self._config.promote_on_hit:
             views = pinned.views()
             if views is not None:
@@ -465,7 +526,7 @@ class Hierarchy:
         size = block.meta.size
         if not any(t.could_ever_fit(size) for t in self._tiers):
             return StoreOutcome.TOO_LARGE
-        access = Access(key, size, self._clock.time())
+        access = self._access(key, size)
         last = len(self._tiers) - 1
         durable = False
         if self._config.write_through and self._persistent is not None:
@@ -739,7 +800,7 @@ class Hierarchy:
                 return PutOutcome.NO_ROOM
             self.observer.tier_put(tier.name, self._clock.monotonic() - started, outcome.value)
             if outcome is PutOutcome.STORED:
-                self._policies[i].on_insert(Access(key, size, self._clock.time()))
+                self._policies[i].on_insert(self._access(key, size))
             return outcome
 
     async def _demote(self, i: int, key: str) -> None:
@@ -881,7 +942,7 @@ class Hierarchy:
 
     async def _promote_traced(self, key: str, block: Block, loc: _Loc) -> int | None:
         src = loc.tier
-        access = Access(key, block.meta.size, self._clock.time())
+        access = self._access(key, block.meta.size)
         self._moving[key] = Hit(block, self._tiers[src].name)
         target: int | None = None
         try:
