@@ -84,7 +84,7 @@ def bench(name: str, accesses: list[Access], capacity: int) -> dict[str, float]:
     return {"ns_per_op": elapsed / len(accesses), "hit_ratio": hits / len(accesses)}
 
 
-LIVE_DEFAULT = ("lru", "chain-lru", "prefix-lru2", "w-tinylfu", "ttl")
+LIVE_DEFAULT = ("lru", "chain-lru", "prefix-lru2", "prefix-adaptive", "w-tinylfu", "ttl")
 
 
 def _policy_args(policy: str) -> list[str]:

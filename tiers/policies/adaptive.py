@@ -30,7 +30,8 @@ tried so far tells the two cases apart (docs/policies.md), so this policy measur
   when the block is touched: after a switch, blocks ranked under the old rule keep their rank
   until they are touched again (within about one turnover of the cache).
 
-Without ``depth``/``prev`` hints every access counts as its own request and the clamp is off.
+Accesses without ``depth``/``prev`` hints (no request to score them in) are left out of the
+duel; with none at all the policy is ``prefix-lru2`` without the clamp.
 O(log n) per access: the live heap, and for a sampled access a CRC-32 and one heap operation
 in each shadow (heaps with lazy deletion, compacted at twice the live size).
 """
@@ -157,6 +158,10 @@ class AdaptivePrefixPolicy:
 
     def _duel(self, access: Access) -> None:
         """Replay one access (already in the history) in the shadows, if its key is sampled."""
+        if access.depth is None:
+            # No chain position, so no request to score (a read outside a looked-up request):
+            # the duel sits it out, and such a read costs what it costs prefix-lru2.
+            return
         key = access.key
         if access.depth == 0 or access.prev is None:
             self._end_request()
