@@ -1,10 +1,15 @@
-"""Keys in eviction order with the chain clamp: the ranking shared by the prefix policies."""
+"""What the prefix policies share: keys in eviction order with the chain clamp, and a bounded
+history of each key's last two accesses."""
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import math
+from collections import OrderedDict
 from collections.abc import Callable
+
+NEVER = -math.inf
 
 # (rank, last access, -depth, tie-breaking sequence, key)
 _Entry = tuple[float, float, int, int, str]
@@ -52,3 +57,32 @@ class Ranking:
         for entry in skipped:
             heapq.heappush(heap, entry)
         return found
+
+
+class AccessHistory:
+    """key -> (last access, access before that or :data:`NEVER`), kept for up to
+    ``factor`` x the resident count keys (at least ``minimum``), oldest forgotten first: blocks
+    that left the cache are recognised when they come back."""
+
+    __slots__ = ("_factor", "_minimum", "_times")
+
+    def __init__(self, *, factor: int, minimum: int) -> None:
+        self._times: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self._factor = factor
+        self._minimum = minimum
+
+    @property
+    def factor(self) -> int:
+        return self._factor
+
+    def record(self, key: str, now: float, *, resident: int) -> None:
+        times = self._times
+        old = times.pop(key, None)
+        times[key] = (now, old[0] if old is not None else NEVER)
+        limit = max(self._minimum, self._factor * resident)
+        while len(times) > limit:
+            times.popitem(last=False)
+
+    def last_two(self, key: str, now: float) -> tuple[float, float]:
+        """``(last, penultimate)``; a key never seen is seen ``now`` for the first time."""
+        return self._times.get(key, (now, NEVER))

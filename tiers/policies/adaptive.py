@@ -40,13 +40,11 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections import OrderedDict
 from collections.abc import Callable
 
-from tiers.policies._ranking import Ranking
+from tiers.policies._ranking import AccessHistory, Ranking
 from tiers.policy import Access
 
-_NEVER = -math.inf
 _FULL = 1 << 32  # CRC-32 range: a threshold of _FULL samples every key
 
 
@@ -101,10 +99,7 @@ class AdaptivePrefixPolicy:
     ) -> None:
         self._live = Ranking()
         self._recency = False  # the live ranking: LRU-2 until the duel says LRU
-        # key -> (last access, access before that); bounded, oldest forgotten first
-        self._history: OrderedDict[str, tuple[float, float]] = OrderedDict()
-        self._history_factor = history_factor
-        self._min_history = min_history
+        self._history = AccessHistory(factor=history_factor, minimum=min_history)
         self._sample_blocks = sample_blocks
         self._threshold = _FULL  # sampled: crc32(key) < threshold; only ever lowered
         self._z2 = z * z
@@ -130,21 +125,17 @@ class AdaptivePrefixPolicy:
         return key in self._live.entries
 
     def _record(self, access: Access) -> None:
-        old = self._history.pop(access.key, None)
-        self._history[access.key] = (access.now, old[0] if old is not None else _NEVER)
-        limit = max(self._min_history, self._history_factor * len(self._live))
-        while len(self._history) > limit:
-            self._history.popitem(last=False)
+        self._history.record(access.key, access.now, resident=len(self._live))
 
     def _rank(self, access: Access) -> None:
-        last, penult = self._history.get(access.key, (access.now, _NEVER))
+        last, penult = self._history.last_two(access.key, access.now)
         rank = last if self._recency else penult
         self._live.rank(access.key, rank, last, access.depth or 0, access.prev)
 
     def _end_request(self) -> None:
         if self._request_accesses:
             d = self._lru2.hits - self._lru.hits
-            horizon = max(1, self._history_factor * len(self._live))
+            horizon = max(1, self._history.factor * len(self._live))
             decay = math.exp(-self._request_accesses / horizon)
             self._sum = self._sum * decay + d
             self._sumsq = self._sumsq * decay + d * d
@@ -176,7 +167,7 @@ class AdaptivePrefixPolicy:
         if zlib.crc32(key.encode()) >= self._threshold:
             return
         capacity = max(1, (resident * self._threshold) // _FULL)
-        last, penult = self._history[key]
+        last, penult = self._history.last_two(key, access.now)
         depth = access.depth or 0
         prev = self._sampled_prev
         self._lru2.access(key, last, penult, depth, prev, capacity)

@@ -21,14 +21,10 @@ lazy deletion).
 
 from __future__ import annotations
 
-import math
-from collections import OrderedDict
 from collections.abc import Callable
 
-from tiers.policies._ranking import Ranking
+from tiers.policies._ranking import AccessHistory, Ranking
 from tiers.policy import Access
-
-_NEVER = -math.inf
 
 
 class PrefixLRU2Policy:
@@ -36,10 +32,7 @@ class PrefixLRU2Policy:
 
     def __init__(self, *, history_factor: int = 8, min_history: int = 1024) -> None:
         self._ranking = Ranking()
-        # key -> (last access, access before that); bounded, oldest forgotten first
-        self._history: OrderedDict[str, tuple[float, float]] = OrderedDict()
-        self._history_factor = history_factor
-        self._min_history = min_history
+        self._history = AccessHistory(factor=history_factor, minimum=min_history)
 
     def __len__(self) -> int:
         return len(self._ranking)
@@ -48,14 +41,10 @@ class PrefixLRU2Policy:
         return key in self._ranking.entries
 
     def _record(self, access: Access) -> None:
-        old = self._history.pop(access.key, None)
-        self._history[access.key] = (access.now, old[0] if old is not None else _NEVER)
-        limit = max(self._min_history, self._history_factor * len(self._ranking))
-        while len(self._history) > limit:
-            self._history.popitem(last=False)
+        self._history.record(access.key, access.now, resident=len(self._ranking))
 
     def _rank(self, access: Access) -> None:
-        last, penult = self._history.get(access.key, (access.now, _NEVER))
+        last, penult = self._history.last_two(access.key, access.now)
         self._ranking.rank(access.key, penult, last, access.depth or 0, access.prev)
 
     def admit(self, access: Access) -> bool:
