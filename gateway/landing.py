@@ -107,13 +107,10 @@ class BodyBuffers:
     def __init__(self, pool: BufferPool, reserve: Reserve | None = None) -> None:
         self.pool = pool
         self.reserve = reserve
-        self.reserved = 0
-        """Bodies received into a tier's reservation."""
 
     def landing(self, size: int, loop: asyncio.AbstractEventLoop) -> Landing | None:
         """A landing for a body of ``size`` bytes, ``None`` when there is no room for one."""
         if self.reserve is not None and (reservation := self.reserve(size)) is not None:
-            self.reserved += 1
 
             def give_back(_complete: bool, reservation: Reservation = reservation) -> None:
                 reservation.release()

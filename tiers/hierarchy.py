@@ -260,10 +260,6 @@ class Hierarchy:
         while len(noted) > NOTED_MEMORY:
             noted.popitem(last=False)
 
-    def chain_position(self, key: str) -> tuple[int, str | None] | None:
-        """``(depth, parent)`` of ``key`` as the last lookup of its chain gave it."""
-        return self._chain.get(key)
-
     def _access(self, key: str, size: int = 1) -> Access:
         position = self._chain.get(key)
         now = self._clock.time()
