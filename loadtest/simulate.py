@@ -17,7 +17,7 @@ from pathlib import Path
 from tiers.clock import FakeClock
 from tiers.errors import TierConfigError
 from tiers.policies.belady import BeladyPolicy, FutureOracle
-from tiers.policy import Access, EvictionPolicy, make_policy
+from tiers.policy import Access, EvictionPolicy, link_tiers, make_policy
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,7 +204,9 @@ def build_policies(
     if name == "belady":
         oracle = FutureOracle(k for req in trace for k in req.keys)
         return [(s, BeladyPolicy(oracle, capacity=s.capacity_blocks)) for s in specs], oracle
-    return [(s, make_policy(name)) for s in specs], None
+    policies = [make_policy(name) for s in specs]
+    link_tiers(policies)  # as the live hierarchy does
+    return list(zip(specs, policies, strict=True)), None
 
 
 def simulate(

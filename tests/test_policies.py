@@ -29,6 +29,7 @@ from tiers.policy import (
     Access,
     EvictionPolicy,
     LRUPolicy,
+    link_tiers,
     make_policy,
     policy_names,
 )
@@ -192,6 +193,64 @@ def test_prefix_adaptive_stays_lru2_where_frequency_wins() -> None:
     ratio = replay(p, trace, 48)
     assert p.ranking == "lru2" and p.switches == 0
     assert ratio == replay(PrefixLRU2Policy(), trace, 48) > replay(LRUPolicy(), trace, 48)
+
+
+def test_link_tiers_groups_runs_of_adaptive_policies() -> None:
+    a, b, c, d = (AdaptivePrefixPolicy() for _ in range(4))
+    link_tiers([a, b, LRUPolicy(), c, d])
+    # The run under a stops at the LRU tier; c leads its own run.
+    assert (a.decides_for, b.decides_for, c.decides_for, d.decides_for) == (1, 0, 1, 0)
+    # A leader does not follow, a follower does not lead, and a group is joined once.
+    assert not a.follow(object()) and not b.join_tiers([d]) and not d.follow(object())
+
+
+def test_timed_policies_still_decide_as_a_group() -> None:
+    from tiers.policies.timing import TimedPolicy
+
+    inner = [AdaptivePrefixPolicy() for _ in range(3)]
+    link_tiers([TimedPolicy(p, label=f"t{i}") for i, p in enumerate(inner)])
+    assert [p.decides_for for p in inner] == [2, 0, 0]
+    lru = TimedPolicy(LRUPolicy(), label="lru")
+    assert lru.join_tiers([]) == 0 and not lru.follow(object())
+
+
+def test_prefix_adaptive_decides_for_the_whole_hierarchy() -> None:
+    # The conversation trace of the test above, in three tiers (1:4:20, summing to a fifth of
+    # the blocks), each decided alone: every tier sees a slice of the stream at its own size and
+    # none switches, so the hierarchy ranks by LRU-2 and loses to LRU. Decided as a group (the
+    # top tier sees every access, the duel simulates the summed size), all three switch.
+    config = ChatTraceConfig(sessions=600, think_median_s=10.0, mean_turns=3.0, seed=2)
+    trace = [
+        TraceRequest(float(r["timestamp"]), tuple(str(h) for h in r["hash_ids"]))
+        for r in generate(config)
+    ]
+    total = distinct_blocks(trace) // 5
+    sizes = [total // 25, 4 * total // 25, total - 5 * (total // 25)]
+
+    def run(policies: list[EvictionPolicy], *, group: bool) -> float:
+        if group:
+            link_tiers(policies)
+        sim = Simulator(
+            [
+                (TierSpec(f"t{i}", n), p)
+                for i, (n, p) in enumerate(zip(sizes, policies, strict=True))
+            ]
+        )
+        for req in trace:
+            sim.request(req)
+        ratio = sim.result()["prefix_hit_ratio"]
+        assert isinstance(ratio, float)
+        return ratio
+
+    lru = run([LRUPolicy() for _ in sizes], group=False)
+    lru2 = run([PrefixLRU2Policy() for _ in sizes], group=False)
+    alone = [AdaptivePrefixPolicy() for _ in sizes]
+    grouped = [AdaptivePrefixPolicy() for _ in sizes]
+    assert run(alone, group=False) < lru * 0.95
+    assert [p.ranking for p in alone] == ["lru2"] * 3
+    ratio = run(grouped, group=True)
+    assert [p.ranking for p in grouped] == ["lru"] * 3
+    assert ratio >= lru * 0.98 and ratio > lru2 * 1.05
 
 
 def test_wtinylfu_frequent_block_survives_a_scan() -> None:

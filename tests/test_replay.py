@@ -12,11 +12,12 @@ import aiohttp
 import pytest
 
 from loadtest import replay
-from loadtest.simulate import Simulator, TierSpec, TraceRequest, read_trace
+from loadtest.simulate import Simulator, TierSpec, TraceRequest, build_policies, read_trace
 from tests.conftest import RunningGateway
 from tiers.block import Block
 from tiers.hierarchy import Hierarchy
 from tiers.memory import ArenaTier
+from tiers.policies import AdaptivePrefixPolicy
 from tiers.policy import Access, LRUPolicy
 
 # CI clones the repo with shared/ beside it.
@@ -236,6 +237,20 @@ async def test_a_hit_below_is_a_miss_above_in_the_simulator_as_in_the_live_hiera
     assert h.locate("a") == "hbm"
     assert live_top.missed == ["a", "b", "a"]
     assert sim_top.missed == live_top.missed
+
+
+def test_the_live_hierarchy_and_the_simulator_group_tier_policies_alike() -> None:
+    # prefix-adaptive decides for the run of tiers below it (tiers.policy.link_tiers); if only
+    # the simulator grouped them, offline results would not carry over to the live tiers.
+    specs = [TierSpec("hbm", 2), TierSpec("dram", 4), TierSpec("disk", 8)]
+    sim_policies = [p for _, p in build_policies("prefix-adaptive", specs, [])[0]]
+    live_policies = [AdaptivePrefixPolicy() for _ in specs]
+    Hierarchy(
+        [ArenaTier(s.name, s.capacity_blocks * 4096, page_bytes=4096) for s in specs],
+        policies=live_policies,
+    )
+    assert [p.decides_for for p in live_policies] == [2, 0, 0]
+    assert [getattr(p, "decides_for", None) for p in sim_policies] == [2, 0, 0]
 
 
 class _Events(LRUPolicy):

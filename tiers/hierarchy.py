@@ -54,7 +54,7 @@ from tiers.observe import (
     recording,
     tracer,
 )
-from tiers.policy import Access, EvictionPolicy, make_policy
+from tiers.policy import Access, EvictionPolicy, link_tiers, make_policy
 from tiers.remote import REMOTE_TIER, Fence, RemoteTier
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,7 @@ class Hierarchy:
             raise TierConfigError("one policy per tier")
         self._tiers = list(tiers)
         self._policies = list(policies) if policies is not None else [make_policy() for _ in tiers]
+        link_tiers(self._policies)
         self._config = config or HierarchyConfig()
         self._clock = clock
         self._is_pinned = is_pinned

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -99,6 +99,38 @@ class LRUPolicy:
 
     def __len__(self) -> int:
         return len(self._order)
+
+
+@runtime_checkable
+class TierGroupPolicy(Protocol):
+    """A policy that can decide together with the policies of the tiers below it.
+
+    The tiers of a hierarchy hand blocks down on eviction, so as a whole they behave like one
+    cache of their summed size *if* they rank alike; a choice made per tier, each on its own
+    capacity and on the part of the stream it sees, can rank them differently (docs/policies.md).
+    """
+
+    def join_tiers(self, below: Sequence[EvictionPolicy]) -> int:
+        """Lead the policies of ``below`` (top first) that :meth:`follow` this one, stopping at
+        the first that does not; returns how many follow."""
+        ...
+
+    def follow(self, leader: object) -> bool:
+        """Take decisions from ``leader`` (what a leader of this kind passes); ``False`` if this
+        policy cannot follow it."""
+        ...
+
+
+def link_tiers(policies: Sequence[EvictionPolicy]) -> None:
+    """Group a hierarchy's policies (top tier first) that decide together: each run of tiers
+    whose policies can follow the first of the run is led by it. The live hierarchy and the
+    simulator both call this, so a tier group behaves the same offline and live."""
+    i = 0
+    while i < len(policies):
+        policy = policies[i]
+        i += 1
+        if isinstance(policy, TierGroupPolicy):
+            i += policy.join_tiers(policies[i:])
 
 
 PolicyFactory = Callable[[], EvictionPolicy]

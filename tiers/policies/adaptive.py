@@ -40,12 +40,21 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from tiers.policies._ranking import AccessHistory, Ranking
-from tiers.policy import Access
+from tiers.policy import Access, EvictionPolicy, TierGroupPolicy
 
 _FULL = 1 << 32  # CRC-32 range: a threshold of _FULL samples every key
+
+
+class _Verdict:
+    """The live ranking, shared by a tier group's policies (:func:`tiers.policy.link_tiers`)."""
+
+    __slots__ = ("recency",)
+
+    def __init__(self) -> None:
+        self.recency = False  # rank by the last access (LRU), else the penultimate (LRU-2)
 
 
 class _Shadow:
@@ -98,7 +107,9 @@ class AdaptivePrefixPolicy:
         z: float = 2.0,
     ) -> None:
         self._live = Ranking()
-        self._recency = False  # the live ranking: LRU-2 until the duel says LRU
+        self._verdict = _Verdict()  # the live ranking: LRU-2 until the duel says LRU
+        self._below: list[EvictionPolicy] = []  # the tiers this one decides for (join_tiers)
+        self._following = False  # another tier's policy decides (follow)
         self._history = AccessHistory(factor=history_factor, minimum=min_history)
         self._sample_blocks = sample_blocks
         self._threshold = _FULL  # sampled: crc32(key) < threshold; only ever lowered
@@ -116,7 +127,12 @@ class AdaptivePrefixPolicy:
     @property
     def ranking(self) -> str:
         """The live ranking: ``"lru2"`` (second-to-last access) or ``"lru"`` (last access)."""
-        return "lru" if self._recency else "lru2"
+        return "lru" if self._verdict.recency else "lru2"
+
+    @property
+    def decides_for(self) -> int:
+        """How many tiers below this one rank by its verdict (:meth:`join_tiers`)."""
+        return len(self._below)
 
     def __len__(self) -> int:
         return len(self._live)
@@ -124,24 +140,52 @@ class AdaptivePrefixPolicy:
     def __contains__(self, key: str) -> bool:
         return key in self._live.entries
 
+    def join_tiers(self, below: Sequence[EvictionPolicy]) -> int:
+        """Decide for the tiers below whose policies are of this kind (the run of them right
+        under this one): the duel then simulates their summed size, and all of them rank by
+        its verdict. This tier sees every access of theirs (a hit below is a miss here), so
+        its stream is the group's."""
+        if self._following:
+            return 0
+        for policy in below:
+            if not (isinstance(policy, TierGroupPolicy) and policy.follow(self._verdict)):
+                break
+            self._below.append(policy)
+        return len(self._below)
+
+    def follow(self, leader: object) -> bool:
+        if not isinstance(leader, _Verdict) or self._below or leader is self._verdict:
+            return False
+        self._verdict = leader
+        self._following = True
+        return True
+
+    def _resident(self) -> int:
+        """Blocks held by this tier and those it decides for."""
+        n = len(self._live)
+        for policy in self._below:
+            n += len(policy)
+        return n
+
     def _record(self, access: Access) -> None:
-        self._history.record(access.key, access.now, resident=len(self._live))
+        self._history.record(access.key, access.now, resident=self._resident())
 
     def _rank(self, access: Access) -> None:
         last, penult = self._history.last_two(access.key, access.now)
-        rank = last if self._recency else penult
+        rank = last if self._verdict.recency else penult
         self._live.rank(access.key, rank, last, access.depth or 0, access.prev)
 
     def _end_request(self) -> None:
         if self._request_accesses:
             d = self._lru2.hits - self._lru.hits
-            horizon = max(1, self._history.factor * len(self._live))
+            horizon = max(1, self._history.factor * self._resident())
             decay = math.exp(-self._request_accesses / horizon)
             self._sum = self._sum * decay + d
             self._sumsq = self._sumsq * decay + d * d
-            lead = self._sum if self._recency else -self._sum  # the other ranking's lead
+            verdict = self._verdict
+            lead = self._sum if verdict.recency else -self._sum  # the other ranking's lead
             if lead > 0 and lead * lead > self._z2 * self._sumsq:
-                self._recency = not self._recency
+                verdict.recency = not verdict.recency
                 self.switches += 1
         self._request_accesses = 0
         self._lru2.start_request()
@@ -149,6 +193,8 @@ class AdaptivePrefixPolicy:
 
     def _duel(self, access: Access) -> None:
         """Replay one access (already in the history) in the shadows, if its key is sampled."""
+        if self._following:
+            return  # the group's leader saw this access too, and duels for the group
         if access.depth is None:
             # No chain position, so no request to score (a read outside a looked-up request):
             # the duel sits it out, and such a read costs what it costs prefix-lru2.
@@ -161,7 +207,7 @@ class AdaptivePrefixPolicy:
             self._sampled_prev = None  # not the chain we were following: no clamp to guess
         self._last_key = key
         self._request_accesses += 1
-        resident = len(self._live)
+        resident = self._resident()
         if resident > self._sample_blocks:
             self._threshold = min(self._threshold, (self._sample_blocks * _FULL) // resident)
         if zlib.crc32(key.encode()) >= self._threshold:

@@ -18,12 +18,12 @@ import json
 import os
 import statistics
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from time import perf_counter_ns
 from typing import Any
 
-from tiers.policy import TIMING_ENV_VAR, Access, EvictionPolicy
+from tiers.policy import TIMING_ENV_VAR, Access, EvictionPolicy, TierGroupPolicy
 
 ENV_VAR = TIMING_ENV_VAR
 METHODS = ("admit", "on_insert", "on_hit", "on_miss", "on_remove", "victim")
@@ -47,6 +47,16 @@ class TimedPolicy:
         # The mean alone hides preemption on a shared machine: keep the first calls for
         # percentiles (bounded, a few MB at most).
         self.samples: list[list[int]] = [[] for _ in METHODS]
+
+    def join_tiers(self, below: Sequence[EvictionPolicy]) -> int:
+        # Grouping is set up once, not per access: forwarded untimed, so measuring a policy
+        # does not change how it decides.
+        inner = self.inner
+        return inner.join_tiers(below) if isinstance(inner, TierGroupPolicy) else 0
+
+    def follow(self, leader: object) -> bool:
+        inner = self.inner
+        return inner.follow(leader) if isinstance(inner, TierGroupPolicy) else False
 
     def _add(self, method: int, ns: int) -> None:
         self.ns[method] += ns
