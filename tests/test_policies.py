@@ -253,6 +253,40 @@ def test_prefix_adaptive_decides_for_the_whole_hierarchy() -> None:
     assert ratio >= lru * 0.98 and ratio > lru2 * 1.05
 
 
+def test_a_group_that_stays_on_lru2_ranks_exactly_like_prefix_lru2() -> None:
+    # Long conversations under 64 shared heads in three tiers holding 5% of the blocks: the
+    # group's duel keeps LRU-2, and then every tier must rank exactly as prefix-lru2 would,
+    # with a history sized to its own tier. (The shadows' history is sized to the group; when
+    # the live ranking shared it, the top tier remembered blocks further back than
+    # prefix-lru2 does, and this ratio moved by about 1%.)
+    config = ChatTraceConfig(sessions=300, mean_turns=12.0, system_prompts=64, seed=3)
+    trace = [
+        TraceRequest(float(r["timestamp"]), tuple(str(h) for h in r["hash_ids"]))
+        for r in generate(config)
+    ]
+    total = distinct_blocks(trace) // 20
+    sizes = [total // 10, 3 * (total // 10), total - 4 * (total // 10)]
+
+    def run(policies: list[EvictionPolicy]) -> float:
+        link_tiers(policies)
+        sim = Simulator(
+            [
+                (TierSpec(f"t{i}", n), p)
+                for i, (n, p) in enumerate(zip(sizes, policies, strict=True))
+            ]
+        )
+        for req in trace:
+            sim.request(req)
+        ratio = sim.result()["prefix_hit_ratio"]
+        assert isinstance(ratio, float)
+        return ratio
+
+    grouped = [AdaptivePrefixPolicy(min_history=16) for _ in sizes]
+    ratio = run(list(grouped))
+    assert grouped[0].decides_for == 2 and grouped[0].switches == 0
+    assert ratio == run([PrefixLRU2Policy(min_history=16) for _ in sizes]) > 0.2
+
+
 def test_wtinylfu_frequent_block_survives_a_scan() -> None:
     p = WTinyLFUPolicy()
     resident: set[str] = set()

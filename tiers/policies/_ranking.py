@@ -75,6 +75,10 @@ class AccessHistory:
     def factor(self) -> int:
         return self._factor
 
+    @property
+    def minimum(self) -> int:
+        return self._minimum
+
     def record(self, key: str, now: float, *, resident: int) -> None:
         times = self._times
         old = times.pop(key, None)

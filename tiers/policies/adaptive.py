@@ -111,6 +111,9 @@ class AdaptivePrefixPolicy:
         self._below: list[EvictionPolicy] = []  # the tiers this one decides for (join_tiers)
         self._following = False  # another tier's policy decides (follow)
         self._history = AccessHistory(factor=history_factor, minimum=min_history)
+        # The shadows of a group's leader simulate the group's size, so they need a history
+        # as long as the group's; the live ranking keeps one sized to its own tier (join_tiers).
+        self._shadow_history = self._history
         self._sample_blocks = sample_blocks
         self._threshold = _FULL  # sampled: crc32(key) < threshold; only ever lowered
         self._z2 = z * z
@@ -151,6 +154,9 @@ class AdaptivePrefixPolicy:
             if not (isinstance(policy, TierGroupPolicy) and policy.follow(self._verdict)):
                 break
             self._below.append(policy)
+        if self._below:
+            h = self._history
+            self._shadow_history = AccessHistory(factor=h.factor, minimum=h.minimum)
         return len(self._below)
 
     def follow(self, leader: object) -> bool:
@@ -168,7 +174,9 @@ class AdaptivePrefixPolicy:
         return n
 
     def _record(self, access: Access) -> None:
-        self._history.record(access.key, access.now, resident=self._resident())
+        self._history.record(access.key, access.now, resident=len(self._live))
+        if self._shadow_history is not self._history:
+            self._shadow_history.record(access.key, access.now, resident=self._resident())
 
     def _rank(self, access: Access) -> None:
         last, penult = self._history.last_two(access.key, access.now)
@@ -178,7 +186,7 @@ class AdaptivePrefixPolicy:
     def _end_request(self) -> None:
         if self._request_accesses:
             d = self._lru2.hits - self._lru.hits
-            horizon = max(1, self._history.factor * self._resident())
+            horizon = max(1, self._shadow_history.factor * self._resident())
             decay = math.exp(-self._request_accesses / horizon)
             self._sum = self._sum * decay + d
             self._sumsq = self._sumsq * decay + d * d
@@ -213,7 +221,7 @@ class AdaptivePrefixPolicy:
         if zlib.crc32(key.encode()) >= self._threshold:
             return
         capacity = max(1, (resident * self._threshold) // _FULL)
-        last, penult = self._history.last_two(key, access.now)
+        last, penult = self._shadow_history.last_two(key, access.now)
         depth = access.depth or 0
         prev = self._sampled_prev
         self._lru2.access(key, last, penult, depth, prev, capacity)
