@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import operator
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -150,8 +151,16 @@ def test_prefix_adaptive_orders_like_prefix_lru2_without_evidence() -> None:
     assert drain(p) == ["child", "root"]
 
 
-def replay(policy: EvictionPolicy, trace: list[TraceRequest], capacity: int) -> float:
-    sim = Simulator([(TierSpec("t", capacity), policy)])
+def replay_tiers(
+    policies: Sequence[EvictionPolicy], sizes: list[int], trace: list[TraceRequest], *, group: bool
+) -> float:
+    """Prefix hit ratio of ``trace`` in tiers of ``sizes`` blocks (top first), the policies
+    grouped as the live hierarchy groups them (``group``) or each deciding alone."""
+    if group:
+        link_tiers(policies)
+    sim = Simulator(
+        [(TierSpec(f"t{i}", n), p) for i, (n, p) in enumerate(zip(sizes, policies, strict=True))]
+    )
     for req in trace:
         sim.request(req)
     ratio = sim.result()["prefix_hit_ratio"]
@@ -159,14 +168,22 @@ def replay(policy: EvictionPolicy, trace: list[TraceRequest], capacity: int) -> 
     return ratio
 
 
+def replay(policy: EvictionPolicy, trace: list[TraceRequest], capacity: int) -> float:
+    return replay_tiers([policy], [capacity], trace, group=False)
+
+
+def chat_trace(config: ChatTraceConfig) -> list[TraceRequest]:
+    return [
+        TraceRequest(float(r["timestamp"]), tuple(str(h) for h in r["hash_ids"]))
+        for r in generate(config)
+    ]
+
+
 def test_prefix_adaptive_switches_to_lru_on_conversations() -> None:
     # Short think times and room for a tenth of the blocks: the regime where LRU-2 throws out
     # each session's newest suffix (the next turn's prefix) and plain LRU does better.
     config = ChatTraceConfig(sessions=600, think_median_s=10.0, mean_turns=3.0, seed=2)
-    trace = [
-        TraceRequest(float(r["timestamp"]), tuple(str(h) for h in r["hash_ids"]))
-        for r in generate(config)
-    ]
+    trace = chat_trace(config)
     capacity = distinct_blocks(trace) // 10
     lru = replay(LRUPolicy(), trace, capacity)
     lru2 = replay(PrefixLRU2Policy(), trace, capacity)
@@ -220,27 +237,12 @@ def test_prefix_adaptive_decides_for_the_whole_hierarchy() -> None:
     # none switches, so the hierarchy ranks by LRU-2 and loses to LRU. Decided as a group (the
     # top tier sees every access, the duel simulates the summed size), all three switch.
     config = ChatTraceConfig(sessions=600, think_median_s=10.0, mean_turns=3.0, seed=2)
-    trace = [
-        TraceRequest(float(r["timestamp"]), tuple(str(h) for h in r["hash_ids"]))
-        for r in generate(config)
-    ]
+    trace = chat_trace(config)
     total = distinct_blocks(trace) // 5
     sizes = [total // 25, 4 * total // 25, total - 5 * (total // 25)]
 
-    def run(policies: list[EvictionPolicy], *, group: bool) -> float:
-        if group:
-            link_tiers(policies)
-        sim = Simulator(
-            [
-                (TierSpec(f"t{i}", n), p)
-                for i, (n, p) in enumerate(zip(sizes, policies, strict=True))
-            ]
-        )
-        for req in trace:
-            sim.request(req)
-        ratio = sim.result()["prefix_hit_ratio"]
-        assert isinstance(ratio, float)
-        return ratio
+    def run(policies: Sequence[EvictionPolicy], *, group: bool) -> float:
+        return replay_tiers(policies, sizes, trace, group=group)
 
     lru = run([LRUPolicy() for _ in sizes], group=False)
     lru2 = run([PrefixLRU2Policy() for _ in sizes], group=False)
@@ -260,31 +262,15 @@ def test_a_group_that_stays_on_lru2_ranks_exactly_like_prefix_lru2() -> None:
     # the live ranking shared it, the top tier remembered blocks further back than
     # prefix-lru2 does, and this ratio moved by about 1%.)
     config = ChatTraceConfig(sessions=300, mean_turns=12.0, system_prompts=64, seed=3)
-    trace = [
-        TraceRequest(float(r["timestamp"]), tuple(str(h) for h in r["hash_ids"]))
-        for r in generate(config)
-    ]
+    trace = chat_trace(config)
     total = distinct_blocks(trace) // 20
     sizes = [total // 10, 3 * (total // 10), total - 4 * (total // 10)]
 
-    def run(policies: list[EvictionPolicy]) -> float:
-        link_tiers(policies)
-        sim = Simulator(
-            [
-                (TierSpec(f"t{i}", n), p)
-                for i, (n, p) in enumerate(zip(sizes, policies, strict=True))
-            ]
-        )
-        for req in trace:
-            sim.request(req)
-        ratio = sim.result()["prefix_hit_ratio"]
-        assert isinstance(ratio, float)
-        return ratio
-
     grouped = [AdaptivePrefixPolicy(min_history=16) for _ in sizes]
-    ratio = run(list(grouped))
+    ratio = replay_tiers(list(grouped), sizes, trace, group=True)
+    lru2 = [PrefixLRU2Policy(min_history=16) for _ in sizes]
     assert grouped[0].decides_for == 2 and grouped[0].switches == 0
-    assert ratio == run([PrefixLRU2Policy(min_history=16) for _ in sizes]) > 0.2
+    assert ratio == replay_tiers(list(lru2), sizes, trace, group=True) > 0.2
 
 
 def test_wtinylfu_frequent_block_survives_a_scan() -> None:
