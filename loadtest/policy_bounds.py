@@ -142,9 +142,11 @@ class OracleLabelPolicy:
         return len(self._keep) + len(self._doomed)
 
 
-def _run(
+def prefix_hit_ratio(
     trace: list[TraceRequest], capacity: int, make: Callable[[FutureOracle], EvictionPolicy]
 ) -> float:
+    """One tier of ``capacity`` blocks under ``make(oracle)``'s policy (the oracle follows
+    the replay, for policies that read the future)."""
     oracle = FutureOracle(k for req in trace for k in req.keys)
     policy = make(oracle)
     sim = Simulator([(TierSpec("t", capacity), policy)], oracle=oracle)
@@ -166,13 +168,13 @@ def bounds(
     features fitted on the trace, best over ``thresholds``."""
     out: dict[str, object] = {
         "capacity_blocks": capacity,
-        "lru": _run(trace, capacity, lambda _o: LRUPolicy()),
-        "belady": _run(trace, capacity, lambda o: BeladyPolicy(o, capacity=capacity)),
+        "lru": prefix_hit_ratio(trace, capacity, lambda _o: LRUPolicy()),
+        "belady": prefix_hit_ratio(trace, capacity, lambda o: BeladyPolicy(o, capacity=capacity)),
     }
     best_label = horizons[0]
     for kind, admission in (("label", False), ("admission", True)):
         per = {
-            h: _run(
+            h: prefix_hit_ratio(
                 trace,
                 capacity,
                 partial(OracleLabelPolicy, horizon=h * capacity, admission=admission),
@@ -190,7 +192,7 @@ def bounds(
     horizon = best_label * capacity
     table = feature_table(trace, horizon)
     learned = {
-        t: _run(
+        t: prefix_hit_ratio(
             trace,
             capacity,
             partial(OracleLabelPolicy, horizon=horizon, admission=False, table=table, threshold=t),

@@ -204,7 +204,7 @@ def build_policies(
     if name == "belady":
         oracle = FutureOracle(k for req in trace for k in req.keys)
         return [(s, BeladyPolicy(oracle, capacity=s.capacity_blocks)) for s in specs], oracle
-    policies = [make_policy(name) for s in specs]
+    policies = [make_policy(name) for _ in specs]
     link_tiers(policies)  # as the live hierarchy does
     return list(zip(specs, policies, strict=True)), None
 

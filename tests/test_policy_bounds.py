@@ -26,17 +26,17 @@ def cyclic(chains: int, depth: int, rounds: int) -> list[TraceRequest]:
 def test_the_perfect_label_keeps_what_lru_scans_away() -> None:
     trace = cyclic(chains=8, depth=4, rounds=10)
     capacity = 16  # half the 32 blocks: LRU always evicts the chain asked for next
-    lru = policy_bounds._run(trace, capacity, lambda _o: LRUPolicy())
+    lru = policy_bounds.prefix_hit_ratio(trace, capacity, lambda _o: LRUPolicy())
     assert lru == 0.0
     # Every block comes back 32 accesses later: with a shorter horizon none is "soon", so the
     # newest go first and the cache keeps what it holds, which the scan then hits.
-    label = policy_bounds._run(
+    label = policy_bounds.prefix_hit_ratio(
         trace, capacity, partial(OracleLabelPolicy, horizon=16.0, admission=False)
     )
     assert label >= 0.4
     # With a horizon past the cycle every block is "soon" (but those of the last round): LRU
     # order, which the scan defeats.
-    label_all = policy_bounds._run(
+    label_all = policy_bounds.prefix_hit_ratio(
         trace, capacity, partial(OracleLabelPolicy, horizon=64.0, admission=False)
     )
     assert label_all < 0.1
@@ -47,8 +47,8 @@ def test_a_fitted_table_that_labels_everything_soon_is_lru() -> None:
     table = feature_table(trace, horizon=10.0)
     assert all(0.0 <= rate <= 1.0 for rate in table.values())
     for capacity in (4, 9, 20):
-        lru = policy_bounds._run(trace, capacity, lambda _o: LRUPolicy())
-        everything = policy_bounds._run(
+        lru = policy_bounds.prefix_hit_ratio(trace, capacity, lambda _o: LRUPolicy())
+        everything = policy_bounds.prefix_hit_ratio(
             trace,
             capacity,
             partial(OracleLabelPolicy, horizon=10.0, admission=False, table=table, threshold=0.0),

@@ -183,8 +183,6 @@ class AdaptivePrefixPolicy:
 
     def _record(self, access: Access) -> None:
         self._history.record(access.key, access.now, resident=len(self._live))
-        if self._shadow_history is not self._history:
-            self._shadow_history.record(access.key, access.now, resident=self._resident())
 
     def _rank(self, access: Access) -> None:
         last, penult = self._history.last_two(access.key, access.now)
@@ -208,7 +206,8 @@ class AdaptivePrefixPolicy:
         self._lru.start_request()
 
     def _duel(self, access: Access) -> None:
-        """Replay one access (already in the history) in the shadows, if its key is sampled."""
+        """Replay one access (already in the live history) in the shadows, if its key is
+        sampled."""
         if self._following:
             return  # the group's leader saw this access too, and duels for the group
         if access.depth is None:
@@ -224,6 +223,10 @@ class AdaptivePrefixPolicy:
         self._last_key = key
         self._request_accesses += 1
         resident = self._resident()
+        if self._shadow_history is not self._history:
+            # A group's own history holds only what the shadows replay: reads outside a request
+            # stay out of it, as they stay out of the duel, and cost nothing extra here.
+            self._shadow_history.record(key, access.now, resident=resident)
         if resident > self._sample_blocks:
             self._threshold = min(self._threshold, (self._sample_blocks * _FULL) // resident)
         if zlib.crc32(key.encode()) >= self._threshold:
