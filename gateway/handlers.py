@@ -334,12 +334,16 @@ class Handlers:
         await coherent.check_write(scoped, token)
         # The whole body is staged in memory first: a writer that dies mid-upload leaves nothing.
         data: bytes | memoryview
+        known_digest = None
         if landing is None:
             data = await read_body(request, limit)
         else:
             data = await landing.read()
+            known_digest = landing.digest()
         expires_at = None if ttl is None else state.clock.time() + ttl
-        block = Block.of(data, dtype=dtype, shape=shape, expires_at=expires_at)
+        block = Block.of(
+            data, dtype=dtype, shape=shape, expires_at=expires_at, known_digest=known_digest
+        )
         reservation = None if landing is None else landing.reservation
         outcome = await coherent.put(ctx, scoped, block, token=token, reservation=reservation)
         etag = block.meta.etag

@@ -216,6 +216,24 @@ async def test_landing_buffers_are_reused_only_once_released_and_complete() -> N
     assert pool.idle_bytes == 0 and pool.busy_bytes == 0  # an aborted buffer is dropped
 
 
+@pytest.mark.parametrize("pieces", [[4096], [1, 4095], [1000, 1, 3000, 95], [64] * 64])
+async def test_a_body_is_hashed_as_it_arrives_to_the_digest_of_the_whole(
+    pieces: list[int],
+) -> None:
+    data = body("hash", 4096)
+    landing = BodyBuffers(BufferPool()).landing(len(data), asyncio.get_running_loop())
+    assert landing is not None
+    for n in pieces:
+        with pytest.raises(RuntimeError):
+            landing.digest()  # not all in yet
+        start = landing.filled
+        landing.remaining_view()[:n] = data[start : start + n]
+        landing.received(n)
+    assert bytes(await landing.read()) == data
+    assert landing.digest() == digest(data)
+    landing.release()
+
+
 def test_the_pool_refuses_past_its_busy_cap() -> None:
     pool = BufferPool(busy_bytes=3000, idle_bytes=0)
     first = pool.take(2000)
