@@ -103,11 +103,13 @@ class ShmExchange:
         """Advertise the tiers whose storage clients can map."""
         # Stand-in hierarchies (tests, wrappers) may not expose tiers: then nothing is mapped.
         tiers: list[object] = list(getattr(hierarchy, "tiers", []))
-        self.arena_segments = [
-            seg
+        segments = {
+            seg.name: seg
             for tier in tiers
             if isinstance(tier, SharedTier) and (seg := tier.shared_segment()) is not None
-        ]
+        }
+        # Tiers sharing one arena (tiers.arena) share its segment: it is mapped once.
+        self.arena_segments = list(segments.values())
 
     # -- sessions ------------------------------------------------------------------------------
 

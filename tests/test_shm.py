@@ -137,6 +137,20 @@ async def test_shm_round_trip_is_bit_identical(gateway: RunningGateway) -> None:
             assert fetched.etag == f'"{digest(data).hex()}"'
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA, hbm is its own IPC segment")
+async def test_hbm_and_dram_in_one_arena_advertise_one_segment(
+    gateway: RunningGateway, http: aiohttp.ClientSession
+) -> None:
+    # Without CUDA both CPU tiers share one arena (tiers.arena): a client maps it once, and
+    # descriptors of blocks in either tier name it.
+    async with http.post(f"{gateway.url}/v1/shm/attach", json={}) as resp:
+        assert resp.status == 201
+        segments = (await resp.json())["segments"]
+    arenas = [s for s in segments if not s["writable"]]
+    assert len(arenas) == 1 and arenas[0]["kind"] == "file"
+    assert len({s["name"] for s in segments}) == len(segments)
+
+
 async def test_get_many_into_fills_caller_buffers_without_allocating(
     gateway: RunningGateway,
 ) -> None:

@@ -7,7 +7,9 @@ import random
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from tiers.arena import ArenaStorage
 from tiers.base import Tier
+from tiers.block import Block
 from tiers.memory import ArenaTier
 
 PAGE = 4096
@@ -28,6 +30,16 @@ async def make_dram_offloop(path: Path, capacity: int) -> Tier:
     return ArenaTier("dram", capacity, page_bytes=PAGE, inline_copy_bytes=0)
 
 
+async def make_dram_shared(path: Path, capacity: int) -> Tier:
+    # dram in an arena it shares with an hbm tier (tiers.arena, as on a host without CUDA),
+    # whose own blocks sit in pages the dram tier must neither count nor hand out.
+    storage = ArenaStorage("host", 2 * capacity, page_bytes=PAGE)
+    neighbour = ArenaTier("hbm", capacity, storage=storage)
+    for i in range(capacity // PAGE):
+        await neighbour.put(f"neighbour-{i}", Block.of(payload(f"neighbour-{i}", PAGE)))
+    return ArenaTier("dram", capacity, storage=storage)
+
+
 async def make_disk(path: Path, capacity: int) -> Tier:
     # LMDB needs a floor of budget for its own pages; the suite fills it by fits()/NO_ROOM.
     from tiers.disk import DiskTier
@@ -40,6 +52,7 @@ TIER_FACTORIES: dict[str, TierFactory] = {
     "hbm": make_hbm,
     "dram": make_dram,
     "dram-offloop": make_dram_offloop,
+    "dram-shared": make_dram_shared,
 }
 
 

@@ -186,6 +186,25 @@ class Loan:
             self._ended = True
             self._end()
 
+    # A loan is also a Reservation (its bytes are in place already): offered to the tier
+    # below, one that shares the lender's storage adopts it instead of copying.
+
+    @property
+    def view(self) -> memoryview:
+        return memoryview(self.block.data)
+
+    def release(self) -> None:
+        self.end()
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    def settle(self) -> None:
+        """End the loan without giving the storage back: the lender handed it to another
+        tier, which owns it now."""
+        self._ended = True
+
 
 @runtime_checkable
 class LendingTier(Protocol):

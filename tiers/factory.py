@@ -7,10 +7,11 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
+from tiers.arena import DEFAULT_PAGE_BYTES, ArenaStorage
 from tiers.base import Tier
 from tiers.clock import SYSTEM_CLOCK, Clock
 from tiers.hierarchy import Hierarchy, HierarchyConfig
-from tiers.memory import DEFAULT_PAGE_BYTES, ArenaTier, cuda_available
+from tiers.memory import ArenaTier, cuda_available
 from tiers.policy import make_policy
 from tiers.remote import RemoteSettings, RemoteTier
 
@@ -70,6 +71,17 @@ async def build_hierarchy(
         "shm_dir": settings.shm_dir,
     }
     gpu = cuda_available()
+    if not gpu:
+        # hbm falls back to host memory, the same memory as dram: one arena for both, so a
+        # block moving between them changes owner with its pages instead of being copied
+        # (tiers.arena). Each keeps its own budget.
+        page = settings.page_bytes
+        pages = sum(
+            n // page for n in (settings.hbm_bytes, settings.landing_bytes, settings.dram_bytes)
+        )
+        arena_kwargs["storage"] = ArenaStorage(
+            "host", pages * page, page_bytes=page, shm_dir=settings.shm_dir
+        )
     tiers: list[Tier] = [
         ArenaTier.hbm(
             settings.hbm_bytes, landing_bytes=0 if gpu else settings.landing_bytes, **arena_kwargs

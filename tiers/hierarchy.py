@@ -901,7 +901,9 @@ class Hierarchy:
     ) -> None:
         """Store the evicted ``block`` one tier down; ``span`` is None for a write-behind."""
         try:
-            outcome = await self._store_at(below, key, block)
+            # A lent block is offered as a reservation: a tier sharing the lender's arena takes
+            # its pages over instead of copying them (tiers.arena).
+            outcome = await self._store_at(below, key, block, self._loaned.get(key))
         finally:
             del self._moving[key]
             loan = self._loaned.pop(key, None)

@@ -1,9 +1,13 @@
-"""HBM and DRAM tiers: one preallocated torch arena each, carved into pages.
+"""HBM and DRAM tiers: a preallocated torch arena, carved into pages (:mod:`tiers.arena`).
 
 The arena is allocated once at start-up (``torch.empty``), on ``cuda`` for HBM when a GPU is
 present and on the CPU otherwise, and in pinned host memory for DRAM when CUDA is present (so
 host-device copies can be asynchronous DMA). No allocation happens per block: a block is a list of
 byte runs (views) into the arena, handed out by :class:`~tiers.allocator.PageAllocator`.
+
+Tiers in the same memory can share one arena (``storage``): a block lent by one of them
+(:meth:`ArenaTier.lend`) is then adopted by the other with its pages, where it would otherwise be
+copied (:meth:`ArenaTier.adopt`).
 
 With ``landing_bytes`` a CPU arena has that many pages more than its budget, for
 :meth:`ArenaTier.reserve`: a PUT body is received straight into them and the block then takes
@@ -32,19 +36,19 @@ import torch
 from opentelemetry import trace
 from opentelemetry.trace import Span
 
-from tiers.allocator import PageAllocator, Run
+from tiers.allocator import Run
+from tiers.arena import DEFAULT_PAGE_BYTES, ArenaStorage
 from tiers.base import Loan, Placement, PutOutcome, Reservation, TierStats
 from tiers.block import Block, BlockMeta
 from tiers.errors import TierClosed, TierConfigError, TierError
 from tiers.ledger import CapacityLedger
 from tiers.observe import ATTR_BYTES, ATTR_TIER, child_span
-from tiers.shmseg import SegmentInfo, ShmSegment, register_local_cuda
+from tiers.shmseg import SegmentInfo
 
 ATTR_COPY_DIRECTION = "kvgate.copy.direction"
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PAGE_BYTES = 64 * 1024
 # Copies up to this size run inline on the event loop: a memcpy of 4 MiB takes well under a
 # millisecond, less than handing it to a thread and back. Larger ones go to the executor.
 DEFAULT_INLINE_COPY_BYTES = 4 * 1024 * 1024
@@ -56,6 +60,7 @@ class _Entry:
     meta: BlockMeta
     pins: int = 0
     dropped: bool = False  # gone from the index; pages wait for the last unpin
+    given: bool = False  # its pages were handed to another tier sharing the arena
     held_key: str = field(default="")  # the ledger key its charge moved to once dropped
 
 
@@ -111,6 +116,14 @@ class ArenaReservation:
             self._tier._unreserve(self)
 
 
+@dataclass(slots=True, kw_only=True)
+class ArenaLoan(Loan):
+    """A lent arena block (:meth:`ArenaTier.lend`): a tier sharing the arena adopts its pages."""
+
+    tier: ArenaTier
+    entry: _Entry
+
+
 def cuda_available() -> bool:
     return torch.cuda.is_available()
 
@@ -132,19 +145,33 @@ class ArenaTier:
         inline_copy_bytes: int = DEFAULT_INLINE_COPY_BYTES,
         shm_dir: Path | None = None,
         landing_bytes: int = 0,
+        storage: ArenaStorage | None = None,
     ) -> None:
+        """``storage``: an arena shared with other tiers (its device, page size and memory are
+        then the storage's); ``None`` gives the tier one of its own."""
         if page_bytes <= 0:
             raise TierConfigError("page_bytes must be positive")
         if landing_bytes < 0:
             raise TierConfigError("landing_bytes must be >= 0")
+        if storage is not None:
+            if torch.device(device) != storage.torch_device:
+                raise TierConfigError(f"tier {name} on {device}, its arena on {storage.device}")
+            page_bytes = storage.page_bytes
         npages = capacity_bytes // page_bytes
         landing_pages = landing_bytes // page_bytes
         self.name = name
-        self._torch_device = torch.device(device)
-        self._pinned = pin_memory and self._torch_device.type == "cpu"
-        self._registered: int | None = None  # address of a shared arena page-locked by us
-        self._ipc_handle: tuple[object, ...] | None = None
-        self._alloc = PageAllocator(npages + landing_pages, page_bytes)
+        if storage is None:
+            storage = ArenaStorage(
+                name,
+                (npages + landing_pages) * page_bytes,
+                device=device,
+                pin_memory=pin_memory,
+                page_bytes=page_bytes,
+                shm_dir=shm_dir,
+            )
+        storage.commit(npages + landing_pages)
+        self._storage = storage
+        self._alloc = storage.alloc
         self._ledger = CapacityLedger(npages * page_bytes)
         # Reservations are charged here, not to the budget: a tier full of blocks can still
         # receive the next one in place while the hierarchy makes room for it.
@@ -152,20 +179,15 @@ class ArenaTier:
         self._reservation_ids = itertools.count()
         self.adopted = 0
         """Blocks stored by adopting a reservation (no copy in)."""
+        self.taken_over = 0
+        """Blocks stored by taking another tier's loan over with its pages (no copy)."""
         self._entries: dict[str, _Entry] = {}
         self._executor = executor
         self._inline_copy_bytes = inline_copy_bytes
-        self._segment: ShmSegment | None = None
         self._held = 0
-        self._arena: torch.Tensor | None = self._allocate(
-            (npages + landing_pages) * page_bytes, shm_dir
-        )
-        self.device = str(self._torch_device) + ("-pinned" if self._pinned else "")
-        # On the CPU the arena is also reachable as a flat memoryview: slicing it is free and
-        # copying into/out of it is one memcpy without torch's per-op overhead.
-        self._view: memoryview | None = (
-            self._arena.numpy().data if self._torch_device.type == "cpu" else None
-        )
+        self._arena: torch.Tensor | None = storage.live()
+        self.device = storage.device
+        self._view: memoryview | None = storage.view
         self._hits = self._misses = self._evictions = 0
 
     @classmethod
@@ -268,12 +290,25 @@ class ArenaTier:
         return ArenaReservation(view[start:stop], self, runs, charge_key)
 
     def adopt(self, key: str, reservation: Reservation, meta: BlockMeta) -> PutOutcome | None:
-        """Store ``key`` in the pages of this tier's own open ``reservation``, with no copy."""
-        if (
-            not isinstance(reservation, ArenaReservation)
-            or reservation._tier is not self
-            or not reservation._open
-        ):
+        """Store ``key`` with no copy: in the pages of this tier's own open ``reservation``, or
+        in those of a loan from a tier sharing this one's arena (which hands them over).
+
+        ``None`` for anything else, and for a loan whose pages a reader still has pinned
+        (they must stay where that reader's pin says): the caller copies instead.
+        """
+        if isinstance(reservation, ArenaReservation):
+            if reservation._tier is not self or not reservation._open:
+                return None
+        elif isinstance(reservation, ArenaLoan):
+            lender = reservation.tier
+            if (
+                lender._storage is not self._storage
+                or lender is self
+                or reservation.ended
+                or reservation.entry.pins != 1  # the loan's own hold, no reader's
+            ):
+                return None
+        else:
             return None
         self._live()
         if meta.size != len(reservation.view):
@@ -287,11 +322,21 @@ class ArenaTier:
             return PutOutcome.TOO_LARGE
         if not self._ledger.charge(key, charge):
             return PutOutcome.NO_ROOM
-        reservation._open = False
-        self._landing_ledger.release(reservation._charge_key)
-        self._entries[key] = _Entry(reservation._runs, meta)
-        self.adopted += 1
+        if isinstance(reservation, ArenaLoan):
+            runs = reservation.tier._hand_over(reservation)
+            self.taken_over += 1
+        else:
+            reservation._open = False
+            self._landing_ledger.release(reservation._charge_key)
+            runs = reservation._runs
+            self.adopted += 1
+        self._entries[key] = _Entry(runs, meta)
         return PutOutcome.STORED
+
+    @property
+    def storage(self) -> ArenaStorage:
+        """The arena the tier's pages come from, shared with other tiers or its own."""
+        return self._storage
 
     @property
     def landing_bytes(self) -> int:
@@ -317,7 +362,20 @@ class ArenaTier:
         self._drop(key)
         self._evictions += 1
         start, stop = entry.runs[0]
-        return Loan(Block(view[start:stop], entry.meta), lambda: self._unpin(entry))
+        return ArenaLoan(
+            Block(view[start:stop], entry.meta), lambda: self._unpin(entry), tier=self, entry=entry
+        )
+
+    def _hand_over(self, loan: ArenaLoan) -> list[Run]:
+        """End ``loan`` by giving its pages away (to a tier sharing the arena): this tier's
+        charge for them goes, the pages stay allocated, now the adopter's."""
+        entry = loan.entry
+        loan.settle()
+        entry.pins -= 1
+        entry.given = True
+        self._ledger.release(entry.held_key)
+        self._held -= 1
+        return entry.runs
 
     def stats(self) -> TierStats:
         snap = self._ledger.snapshot()
@@ -334,16 +392,10 @@ class ArenaTier:
 
     async def close(self) -> None:
         self._entries.clear()
-        self._arena = None
-        self._view = None
-        if self._registered is not None:
-            # Before the unmap: CUDA keeps the range registered otherwise, and a later mapping
-            # at the same address then fails to register ("already mapped").
-            _unregister_host(self._registered)
-            self._registered = None
-        if self._segment is not None:
-            self._segment.close()
-            self._segment = None
+        if self._arena is not None:
+            self._arena = None
+            self._view = None
+            self._storage.release()
 
     # -- pins (tiers.base.PinnableTier) ------------------------------------------------------
 
@@ -359,22 +411,11 @@ class ArenaTier:
     @property
     def shared_name(self) -> str | None:
         """The name clients know the arena's storage by; ``None`` when it is private."""
-        if self._segment is not None:
-            return self._segment.name
-        arena = self._arena
-        if arena is not None and arena.device.type == "cuda":
-            return f"cuda-{self.name}"
-        return None
+        return None if self._arena is None else self._storage.shared_name
 
     def shared_segment(self) -> SegmentInfo | None:
         """The segment holding the arena, for same-host clients (tiers.base.SharedTier)."""
-        if self._segment is not None:
-            return self._segment.info()
-        arena = self._arena
-        if arena is None or arena.device.type != "cuda":
-            return None
-        handle = self.cuda_ipc_handle()
-        return SegmentInfo(f"cuda-{self.name}", "", arena.numel(), kind="cuda_ipc", ipc=handle)
+        return None if self._arena is None else self._storage.shared_segment()
 
     @property
     def pinned_blocks(self) -> int:
@@ -383,21 +424,11 @@ class ArenaTier:
 
     def cuda_ipc_handle(self) -> tuple[object, ...] | None:
         """The CUDA IPC handle of an HBM arena (``torch`` storage sharing), else ``None``."""
-        arena = self._arena
-        if arena is None or arena.device.type != "cuda":
-            return None
-        if self._ipc_handle is None:
-            # Once per arena: every export counts one more consumer reference that torch's
-            # producer side waits for.
-            self._ipc_handle = arena.untyped_storage()._share_cuda_()  # type: ignore[no-untyped-call]
-            # CUDA cannot open an IPC handle in the process that made it: a client in this
-            # process (an engine embedding the gateway) finds the arena here instead.
-            register_local_cuda(self._ipc_handle, arena)
-        return self._ipc_handle
+        return None if self._arena is None else self._storage.cuda_ipc_handle()
 
     def _unpin(self, entry: _Entry) -> None:
         entry.pins -= 1
-        if entry.pins == 0 and entry.dropped:
+        if entry.pins == 0 and entry.dropped and not entry.given:
             self._alloc.free(entry.runs)
             self._ledger.release(entry.held_key)
             self._held -= 1
@@ -430,27 +461,6 @@ class ArenaTier:
         else:
             self._alloc.free(entry.runs)
         return entry
-
-    def _allocate(self, nbytes: int, shm_dir: Path | None) -> torch.Tensor:
-        if shm_dir is not None and self._torch_device.type == "cpu" and nbytes > 0:
-            try:
-                segment = ShmSegment.create(self.name.lower()[:32], nbytes, directory=shm_dir)
-            except (OSError, ValueError) as exc:
-                log.warning("tier %s: private arena, no shared memory: %s", self.name, exc)
-            else:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", UserWarning)
-                    arena = torch.frombuffer(segment.buffer, dtype=torch.uint8)
-                if self._pinned:
-                    if _register_host(arena):
-                        self._registered = arena.data_ptr()
-                    else:
-                        self._pinned = False
-                self._segment = segment
-                return arena
-        return torch.empty(
-            nbytes, dtype=torch.uint8, device=self._torch_device, pin_memory=self._pinned
-        )
 
     async def _write(self, arena: torch.Tensor, runs: list[Run], data: bytes | memoryview) -> None:
         if self._view is not None and len(data) <= self._inline_copy_bytes:
@@ -557,21 +567,3 @@ def _copy_out_cuda(arena: torch.Tensor, runs: list[Run], size: int) -> memoryvie
         offset += n
     torch.cuda.current_stream(arena.device).synchronize()
     return host.numpy().data
-
-
-def _register_host(arena: torch.Tensor) -> bool:
-    """Page-lock a shared-memory arena for async DMA, as ``pin_memory`` does for private ones;
-    whether it worked."""
-    cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
-    rc = cudart.cudaHostRegister(arena.data_ptr(), arena.numel(), 0)
-    if int(rc) != 0:
-        log.warning("cudaHostRegister failed (%s): the shared dram arena is pageable", rc)
-        return False
-    return True
-
-
-def _unregister_host(address: int) -> None:
-    cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
-    rc = cudart.cudaHostUnregister(address)
-    if int(rc) != 0:
-        log.warning("cudaHostUnregister failed (%s)", rc)
