@@ -18,6 +18,7 @@ from gateway.app import create_app
 from gateway.config import GatewayConfig, MiB
 from gateway.server import listen, make_runner
 from gateway.state import STATE
+from tiers import memory
 from tiers.clock import FakeClock
 from tiers.hierarchy import Hierarchy
 
@@ -90,3 +91,17 @@ async def gateway(tmp_path: Path) -> AsyncIterator[RunningGateway]:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+@pytest.fixture
+def copies_in(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Sizes of the bytes copied into any arena."""
+    sizes: list[int] = []
+    real = memory._copy_in
+
+    def spy(view: memoryview, runs: list[tuple[int, int]], src: memoryview) -> None:
+        sizes.append(len(src))
+        real(view, runs, src)
+
+    monkeypatch.setattr(memory, "_copy_in", spy)
+    return sizes

@@ -10,7 +10,6 @@ import aiohttp
 import pytest
 
 from tests.conftest import running_gateway
-from tiers import memory
 from tiers.base import PutOutcome
 from tiers.block import Block
 from tiers.errors import TierError
@@ -18,20 +17,6 @@ from tiers.hierarchy import Hierarchy, StoreOutcome
 from tiers.memory import ArenaTier
 
 PAGE = 4096
-
-
-@pytest.fixture
-def copies_in(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Sizes of the bytes copied into any arena."""
-    sizes: list[int] = []
-    real = memory._copy_in
-
-    def spy(view: memoryview, runs: list[tuple[int, int]], src: memoryview) -> None:
-        sizes.append(len(src))
-        real(view, runs, src)
-
-    monkeypatch.setattr(memory, "_copy_in", spy)
-    return sizes
 
 
 def arena(name: str = "hbm", pages: int = 4, landing_pages: int = 2) -> ArenaTier:

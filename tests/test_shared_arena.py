@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from tests.tierkit import payload
-from tiers import memory
 from tiers.arena import ArenaStorage
 from tiers.block import Block
 from tiers.errors import TierClosed, TierConfigError
@@ -22,20 +21,6 @@ from tiers.hierarchy import Hierarchy, StoreOutcome
 from tiers.memory import ArenaTier, cuda_available
 
 PAGE = 4096
-
-
-@pytest.fixture
-def copies_in(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Sizes of the bytes copied into any arena."""
-    sizes: list[int] = []
-    real = memory._copy_in
-
-    def spy(view: memoryview, runs: list[tuple[int, int]], src: memoryview) -> None:
-        sizes.append(len(src))
-        real(view, runs, src)
-
-    monkeypatch.setattr(memory, "_copy_in", spy)
-    return sizes
 
 
 def pair(hbm_pages: int, dram_pages: int) -> tuple[ArenaStorage, ArenaTier, ArenaTier]:
