@@ -175,7 +175,7 @@ class Landing:
     def received(self, n: int) -> bool:
         """``n`` more bytes are in; ``True`` once the whole body is."""
         # Hashed now, while the kernel's copy has left them in the cache: hashing the block
-        # later reads it back from memory (about 55 us of loop time per MiB, docs/perf.md).
+        # later reads it back from memory (about 60 us more CPU per MiB, docs/perf.md).
         self._hasher.update(self.view[self.filled : self.filled + n])
         self.filled += n
         if self.filled < self.length:
