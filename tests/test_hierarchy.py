@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from pathlib import Path
 
 import pytest
 
@@ -232,3 +233,43 @@ async def test_write_through_keeps_a_durable_copy(n: int) -> None:
     assert await h.spill() == 0  # nothing volatile-only to spill
     await h.delete(keys[-1])
     assert not any(t.contains(keys[-1]) for t in tiers)
+
+
+async def test_the_bottom_tier_evicts_without_reading_the_block_back(tmp_path: Path) -> None:
+    from tiers.disk import DiskTier
+
+    class CountingDisk(DiskTier):
+        read_back = 0
+
+        async def evict(self, key: str) -> Block | None:
+            CountingDisk.read_back += 1
+            return await super().evict(key)
+
+    disk = await CountingDisk.open(tmp_path / "disk", capacity_bytes=1 << 20)
+    h = Hierarchy([ArenaTier("hbm", BLOCK, page_bytes=PAGE), disk])
+    try:
+        keys = [f"k{i}" for i in range(40)]  # 40 x 8 KiB frames overflow the 1 MiB disk
+        for k in keys:
+            assert await put(h, k, 3 * BLOCK) is StoreOutcome.STORED
+        gone = [k for k in keys if h.locate(k) is None]
+        assert gone and CountingDisk.read_back == 0
+        assert disk.stats().evictions == len(gone)
+        assert not any(disk.contains(k) for k in gone)
+        for k in keys:
+            hit = await h.get(k)
+            assert (hit is None) == (k in gone)
+            assert hit is None or bytes(hit.block.data) == payload(k, 3 * BLOCK)
+    finally:
+        await h.close()
+
+
+async def test_evicting_the_durable_copy_keeps_the_block_above() -> None:
+    tiers = three_tiers(2, 1, 1)
+    tiers[2].volatile = False  # type: ignore[misc]
+    h = Hierarchy(tiers, config=HierarchyConfig(write_through=True))
+    await put(h, "a")
+    await put(h, "b")  # the durable tier holds one block: a's copy goes, a stays in hbm
+    assert h.locate("a") == "hbm" and not tiers[2].contains("a")
+    assert tiers[2].stats().evictions == 1
+    hit = await h.get("a")
+    assert hit is not None and bytes(hit.block.data) == payload("a", BLOCK)

@@ -207,6 +207,18 @@ class Loan:
 
 
 @runtime_checkable
+class DroppingTier(Protocol):
+    """A tier that can evict a block without handing it back: the bottom tier's evictions
+    (nothing below takes the block), which would otherwise read and decode it only to discard
+    it."""
+
+    async def drop(self, key: str) -> bool:
+        """Evict ``key``, counted as an eviction like :meth:`Tier.evict`; whether it was
+        there."""
+        ...
+
+
+@runtime_checkable
 class LendingTier(Protocol):
     """A tier that can evict a block without copying it out (see :class:`Loan`)."""
 

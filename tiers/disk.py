@@ -375,6 +375,13 @@ class DiskTier:
                 return False
             return bool(await self._submit_key_op("delete", key))
 
+    async def drop(self, key: str) -> bool:
+        """Evict ``key`` without reading its frame back (tiers.base.DroppingTier)."""
+        if not await self.delete(key):
+            return False
+        self.evictions += 1
+        return True
+
     async def evict(self, key: str) -> Block | None:
         """Remove ``key`` atomically and hand its block back (``None`` if absent or corrupt)."""
         self._check_open()

@@ -26,6 +26,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span
 
 from tiers.base import (
+    DroppingTier,
     HeldBlock,
     LendingTier,
     Loan,
@@ -154,6 +155,7 @@ class Hierarchy:
         # isinstance against a runtime Protocol is slow: decided once, not per read.
         self._pinnable = [isinstance(t, PinnableTier) for t in self._tiers]
         self._lending = [isinstance(t, LendingTier) for t in self._tiers]
+        self._dropping = [isinstance(t, DroppingTier) for t in self._tiers]
         self._reserving = [isinstance(t, ReservingTier) for t in self._tiers]
         spill_behind = self._config.spill_behind
         self._shed = [0] * len(tiers)
@@ -822,6 +824,10 @@ class Hierarchy:
                 span.set_attribute(ATTR_OUTCOME, "shed")
             return
         self._policies[i].on_remove(key)
+        if i == len(self._tiers) - 1 and self._dropping[i]:
+            # Nothing below takes it: evicted without being read back (and decoded) first.
+            await self._drop_last(i, key, span)
+            return
         # A loan skips the copy out of an arena: the next tier stores straight from its pages.
         # Not for a write-behind spill: that must give the pages back before the disk is done.
         write_behind = i + 1 == self._persistent and self._spill_slots is not None
@@ -832,6 +838,23 @@ class Hierarchy:
         finally:
             if loan is not None and key not in self._loaned:
                 loan.end()  # not handed to a move (which ends it once stored below)
+
+    async def _drop_last(self, i: int, key: str, span: Span) -> None:
+        tier = self._tiers[i]
+        try:
+            await cast(DroppingTier, tier).drop(key)
+        except TierError as exc:
+            log.warning("tier %s failed evicting a block: %s", tier.name, exc)
+            note_failure(span, exc, what="evict")
+        loc = self._index.get(key)
+        if loc is None:
+            return
+        if span.is_recording():
+            span.set_attribute(ATTR_BYTES, loc.size)
+        if loc.tier == i:
+            self._forget(key)
+        elif i == self._persistent:
+            loc.durable = False  # only the durable copy went; the block lives on above
 
     async def _demote_block(self, i: int, key: str, loan: Loan | None, span: Span) -> None:
         tier = self._tiers[i]

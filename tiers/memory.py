@@ -268,6 +268,13 @@ class ArenaTier:
             self._evictions += 1
         return Block(data, entry.meta)
 
+    async def drop(self, key: str) -> bool:
+        """Evict ``key`` without copying it out (tiers.base.DroppingTier)."""
+        if self._drop(key) is None:
+            return False
+        self._evictions += 1
+        return True
+
     # -- reservations (tiers.base.ReservingTier) ------------------------------------------
 
     def reserve(self, nbytes: int) -> ArenaReservation | None:
