@@ -60,7 +60,6 @@ class _Entry:
     meta: BlockMeta
     pins: int = 0
     dropped: bool = False  # gone from the index; pages wait for the last unpin
-    given: bool = False  # its pages were handed to another tier sharing the arena
     held_key: str = field(default="")  # the ledger key its charge moved to once dropped
 
 
@@ -375,11 +374,12 @@ class ArenaTier:
 
     def _hand_over(self, loan: ArenaLoan) -> list[Run]:
         """End ``loan`` by giving its pages away (to a tier sharing the arena): this tier's
-        charge for them goes, the pages stay allocated, now the adopter's."""
+        charge for them goes, the pages stay allocated, now the adopter's. The loan was the
+        entry's only pin (adopt checks), and a settled loan never unpins, so nothing frees
+        these pages here again."""
         entry = loan.entry
         loan.settle()
         entry.pins -= 1
-        entry.given = True
         self._ledger.release(entry.held_key)
         self._held -= 1
         return entry.runs
@@ -435,7 +435,7 @@ class ArenaTier:
 
     def _unpin(self, entry: _Entry) -> None:
         entry.pins -= 1
-        if entry.pins == 0 and entry.dropped and not entry.given:
+        if entry.pins == 0 and entry.dropped:
             self._alloc.free(entry.runs)
             self._ledger.release(entry.held_key)
             self._held -= 1
