@@ -9,9 +9,11 @@ import sys
 from collections.abc import Callable
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from gateway.app import HierarchyFactory, create_app
 from gateway.config import GatewayConfig, format_size
+from gateway.errors import error_code_for_status, json_error
 from gateway.landing import BodyBuffers, BufferPool, protocol_factory
 from gateway.state import STATE
 from tiers.clock import SYSTEM_CLOCK, Clock
@@ -44,10 +46,44 @@ def describe_tiers(app: web.Application) -> str:
     )
 
 
-# aiohttp answers an over-long request line itself, in text/plain, before any middleware runs;
-# lines this long reach the handlers instead, which answer a JSON 400 for an over-long key.
+# Lines this long reach the handlers, which answer a JSON 400 for an over-long key; longer
+# ones are refused by aiohttp's parser (in JSON too, through JsonErrorHandler).
 MAX_LINE_BYTES = 64 * 1024
 MAX_FIELD_BYTES = 16 * 1024
+# What aiohttp's protocol is built with: given to the runner (its web.Server) and to
+# JsonErrorHandler alike, so the two cannot drift apart.
+_HANDLER_ARGS: dict[str, object] = {
+    "access_log": None,
+    "max_line_size": MAX_LINE_BYTES,
+    "max_field_size": MAX_FIELD_BYTES,
+}
+
+
+class JsonErrorHandler(RequestHandler):
+    """aiohttp's HTTP protocol, except that what its parser refuses before any middleware runs
+    (a malformed request line or header, a bad ``Content-Length``, an over-long line) is
+    answered in the contract's JSON error form instead of ``text/plain``."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        # aiohttp's own answer still logs the error and refuses once a response is under way.
+        plain = super().handle_error(request, status, exc, message)
+        if status >= 500 or not message:
+            detail = plain.reason
+        else:
+            # aiohttp's message quotes the offending bytes under a line of carets: keep the words.
+            lines = (line.strip() for line in message.splitlines())
+            detail = " ".join(line for line in lines if line and set(line) != {"^"})
+        answer = json_error(status, error_code_for_status(status), detail)
+        answer.force_close()
+        return answer
 
 
 def make_runner(app: web.Application, config: GatewayConfig) -> web.AppRunner:
@@ -55,9 +91,7 @@ def make_runner(app: web.Application, config: GatewayConfig) -> web.AppRunner:
         app,
         handle_signals=False,
         shutdown_timeout=config.shutdown_timeout_s,
-        access_log=None,
-        max_line_size=MAX_LINE_BYTES,
-        max_field_size=MAX_FIELD_BYTES,
+        **_HANDLER_ARGS,  # type: ignore[arg-type]
     )
 
 
@@ -74,12 +108,17 @@ async def listen(
     server = runner.server
     if server is None:
         raise RuntimeError("listen() needs a runner that has been set up")
-    factory: Callable[[], asyncio.BaseProtocol] = server
+    loop = asyncio.get_running_loop()
+    web_server = server
+
+    def http_protocol() -> RequestHandler:
+        return JsonErrorHandler(web_server, loop=loop, **_HANDLER_ARGS)  # type: ignore[arg-type]
+
+    factory: Callable[[], asyncio.BaseProtocol] = http_protocol
     if config.land_puts:
         hierarchy = runner.app[STATE].hierarchy
         buffers = BodyBuffers(BufferPool(), None if hierarchy is None else hierarchy.reserve)
-        factory = protocol_factory(server, buffers=buffers, max_body=config.max_block_bytes)
-    loop = asyncio.get_running_loop()
+        factory = protocol_factory(http_protocol, buffers=buffers, max_body=config.max_block_bytes)
     return await loop.create_server(
         factory,
         config.host if host is None else host,

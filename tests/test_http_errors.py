@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -14,7 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway import batch
-from tests.conftest import RunningGateway
+from gateway.errors import error_code_for_status
+from tests.conftest import RunningGateway, running_gateway
 
 
 @pytest.fixture(autouse=True)
@@ -325,3 +327,37 @@ async def test_fuzzed_keys_and_headers_never_5xx(
             assert set(await resp.json()) == {"error", "detail"}
     async with http.get(url) as resp:
         assert resp.status < 500
+
+
+MALFORMED_HEADS = {
+    "bad-content-length": b"PUT /v1/blocks/k HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+    "two-content-lengths": (
+        b"PUT /v1/blocks/k HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nab"
+    ),
+    "length-and-chunked": (
+        b"PUT /v1/blocks/k HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    ),
+    "binary-method": b"\x00\xff\x00\xff / HTTP/1.1\r\n\r\n",
+    "bad-version": b"GET /v1/stats HTTP/9.x\r\nHost: x\r\n\r\n",
+    "over-long-line": b"GET /v1/blocks/" + b"k" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    "over-long-header": b"GET /healthz HTTP/1.1\r\nX-Big: " + b"v" * 20_000 + b"\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("land_puts", [True, False], ids=["landing", "aiohttp-only"])
+@pytest.mark.parametrize("head", MALFORMED_HEADS.values(), ids=MALFORMED_HEADS.keys())
+async def test_heads_the_parser_refuses_get_the_json_error_shape(
+    tmp_path: Path, land_puts: bool, head: bytes
+) -> None:
+    # aiohttp refuses these before any middleware runs; the contract's error shape still holds.
+    async with running_gateway(tmp_path / "data", land_puts=land_puts) as gw:
+        status, headers, body = await raw_exchange(gw.url, head)
+        assert 400 <= status < 500
+        assert headers["content-type"].startswith("application/json")
+        answer = json.loads(body)
+        assert set(answer) == {"error", "detail"}
+        assert answer["error"] == error_code_for_status(status)
+        assert answer["detail"] and "^" not in answer["detail"]
+        async with aiohttp.ClientSession() as http, http.get(f"{gw.url}/healthz") as resp:
+            assert resp.status == 200  # the server is still up
