@@ -16,6 +16,8 @@ import math
 from collections.abc import Mapping
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from coherence.errors import (
     CoherenceError,
@@ -150,6 +152,22 @@ def json_error(
     return web.Response(status=status, body=body, content_type="application/json", headers=headers)
 
 
+def parser_detail(message: str) -> str:
+    """aiohttp's parser message without the quoted bytes and the line of carets under them."""
+    lines = (line.strip() for line in message.splitlines())
+    return " ".join(line for line in lines if line and set(line) != {"^"})
+
+
+def unreadable_detail(exc: BaseException) -> str:
+    """What was wrong with a body aiohttp could not read, in its parser's words."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, HttpProcessingError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None and cause.message:
+        return parser_detail(cause.message)[:200]
+    return parser_detail(str(exc)).removeprefix("400, message:").strip()[:200] or "malformed"
+
+
 def http_error_for(exc: BaseException) -> GatewayError | None:
     """The HTTP answer for an exception from a lower package; ``None`` for a real bug.
 
@@ -158,6 +176,10 @@ def http_error_for(exc: BaseException) -> GatewayError | None:
     """
     if isinstance(exc, GatewayError):
         return exc
+    if isinstance(exc, HttpProcessingError | RequestPayloadError):
+        # A body aiohttp could not read: broken chunked framing, a Content-Encoding that does
+        # not decode. The client's fault, whichever handler was reading.
+        return BadRequest(f"unreadable body: {unreadable_detail(exc)}")
     if isinstance(exc, CoherenceError):
         if exc.http_status >= 500 and not isinstance(exc, QuotaExceeded | LeaseStoreUnavailable):
             return None  # misuse inside coherence: a bug, logged and answered 500

@@ -17,6 +17,7 @@ from typing import Any
 
 from aiohttp import ClientPayloadError, web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from coherence.errors import BadRequest as CoherenceBadRequest
 from coherence.errors import LeaseConflict, QuotaExceeded, StaleToken
@@ -34,6 +35,7 @@ from gateway.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
     json_error,
+    unreadable_detail,
 )
 from gateway.landing import Landing, take_landing
 from gateway.openapi import spec_bytes
@@ -135,14 +137,26 @@ def etag_matches(if_none_match: str, etag: str) -> bool:
     return False
 
 
+# Content codings aiohttp decodes as the body is read (br and zstd need optional packages).
+DECODED_CODINGS = frozenset({"identity", "gzip", "deflate"})
+
+
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The whole body, refusing more than ``limit`` bytes before reading any (Content-Length)
-    or as soon as a chunked body goes over it."""
-    length = request.content_length
+    or as soon as a chunked or content-coded body goes over it. A ``Content-Encoding`` body is
+    the bytes the client encoded; a coding aiohttp cannot decode is refused with 415."""
+    coding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if coding not in DECODED_CODINGS:
+        raise UnsupportedMediaType(
+            f"Content-Encoding {coding[:40]!r} is not supported: send identity, gzip or deflate"
+        )
+    wire_length = request.content_length
+    if wire_length is not None and wire_length > limit:
+        raise PayloadTooLarge(f"body of {wire_length} bytes; the limit is {limit}")
+    # Content-Length counts the encoded bytes; only an identity body is known to be that long.
+    length = wire_length if coding == "identity" else None
     try:
         if length is not None:
-            if length > limit:
-                raise PayloadTooLarge(f"body of {length} bytes; the limit is {limit}")
             if length == 0:
                 return b""
             return await request.content.readexactly(length)
@@ -156,8 +170,8 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         return b"".join(chunks)
     except asyncio.IncompleteReadError:
         raise BadRequest("the body ended before Content-Length bytes") from None
-    except (ClientPayloadError, HttpProcessingError) as exc:
-        raise BadRequest(f"unreadable body: {exc}") from None
+    except (ClientPayloadError, HttpProcessingError, RequestPayloadError) as exc:
+        raise BadRequest(f"unreadable body: {unreadable_detail(exc)}") from None
 
 
 async def read_json(request: web.Request) -> Any:

@@ -15,10 +15,11 @@ the landing pages of a CPU arena), the body is received there, and the tier adop
 as the stored block: the kernel's copy out of the socket is then the only copy of the bytes.
 Otherwise it goes into a pooled buffer and the tier copies it in.
 
-Anything unusual goes through untouched: a chunked body, ``Expect``, ``Upgrade``, HTTP/1.0, a
-head aiohttp would refuse, a body over the block limit (aiohttp answers 413 as before). Once a
-connection carries something this framing cannot follow (chunked, upgrade, an unparseable
-head), the rest of it is passed through as it comes.
+Anything unusual goes through untouched: a chunked body, ``Expect``, ``Upgrade``, a
+``Content-Encoding``, HTTP/1.0, a head aiohttp would refuse (bare LF line ends included), a
+body over the block limit (aiohttp answers 413 as before). Once a connection carries something
+this framing cannot follow (chunked, upgrade, an unparseable head), the rest of it is passed
+through as it comes.
 """
 
 from __future__ import annotations
@@ -322,10 +323,15 @@ class LandingProtocol(asyncio.BufferedProtocol):
             self._head += data
             data = data[len(data) :]
             end = self._head.find(b"\r\n\r\n", start)
+            # A line ended by a bare LF: this framing would wait for a CRLF blank line that may
+            # never come, so aiohttp's parser decides what such a head is.
+            scanned = len(self._head) if end < 0 else end + 4
+            bare_lf = self._head.count(b"\n", 0, scanned) != self._head.count(b"\r\n", 0, scanned)
+            if bare_lf or (end < 0 and len(self._head) > MAX_HEAD_BYTES):
+                pending, self._head = self._head, bytearray()
+                self._through(pending)
+                return
             if end < 0:
-                if len(self._head) > MAX_HEAD_BYTES:
-                    overlong, self._head = self._head, bytearray()
-                    self._through(overlong)
                 return
             head = bytes(self._head[: end + 4])
             rest = bytes(self._head[end + 4 :])
@@ -381,9 +387,11 @@ def _parse_head(head: bytes) -> tuple[list[bytes], int, int, bool] | None:
     plain = True
     for i in range(1, len(lines)):
         name, sep, value = lines[i].partition(b":")
-        if not sep:
+        # No colon, whitespace in or around the name, a folded line: aiohttp refuses these (or
+        # reads them its own way), and the framing must never measure a body differently.
+        if not sep or not name or name != name.strip() or b" " in name or b"\t" in name:
             return None
-        lname = name.strip().lower()
+        lname = name.lower()
         if lname == b"content-length":
             value = value.strip()
             if content_line >= 0 or not value.isdigit():
@@ -394,6 +402,8 @@ def _parse_head(head: bytes) -> tuple[list[bytes], int, int, bool] | None:
             return None
         elif lname in (b"expect", _LANDING_HEADER_LOWER):
             plain = False
+        elif lname == b"content-encoding" and value.strip().lower() != b"identity":
+            plain = False  # aiohttp decodes it; the block is what the client encoded
     return lines, length, content_line, plain
 
 

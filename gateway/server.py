@@ -9,11 +9,12 @@ import sys
 from collections.abc import Callable
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from gateway.app import HierarchyFactory, create_app
 from gateway.config import GatewayConfig, format_size
-from gateway.errors import error_code_for_status, json_error
+from gateway.errors import error_code_for_status, json_error, parser_detail
 from gateway.landing import BodyBuffers, BufferPool, protocol_factory
 from gateway.state import STATE
 from tiers.clock import SYSTEM_CLOCK, Clock
@@ -66,6 +67,28 @@ class JsonErrorHandler(RequestHandler):
 
     __slots__ = ()
 
+    def data_received(self, data: bytes) -> None:
+        messages = self._messages
+        queued = len(messages)
+        super().data_received(data)
+        # aiohttp queues a body its parser refuses (a bad chunk size, a broken chunk) as an
+        # error answer for after the request that body belongs to, and leaves that request
+        # reading a body that never ends: its handler would wait until the client gives up.
+        # That body's reader gets the parser's error instead; the error middleware answers 400.
+        if len(messages) <= queued:
+            return
+        refused = messages[-1][0]
+        if not isinstance(refused, _ErrInfo) or not isinstance(refused.exc, HttpProcessingError):
+            return
+        if len(messages) >= 2:
+            body = messages[-2][1]  # its handler has not started yet
+        elif self._current_request is not None:
+            body = self._current_request.content
+        else:
+            return
+        if not body.is_eof():
+            body.set_exception(refused.exc)
+
     def handle_error(
         self,
         request: web.BaseRequest,
@@ -75,12 +98,7 @@ class JsonErrorHandler(RequestHandler):
     ) -> web.StreamResponse:
         # aiohttp's own answer still logs the error and refuses once a response is under way.
         plain = super().handle_error(request, status, exc, message)
-        if status >= 500 or not message:
-            detail = plain.reason
-        else:
-            # aiohttp's message quotes the offending bytes under a line of carets: keep the words.
-            lines = (line.strip() for line in message.splitlines())
-            detail = " ".join(line for line in lines if line and set(line) != {"^"})
+        detail = plain.reason if status >= 500 or not message else parser_detail(message)
         answer = json_error(status, error_code_for_status(status), detail)
         answer.force_close()
         return answer

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import logging
+import zlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -342,6 +344,10 @@ MALFORMED_HEADS = {
     "bad-version": b"GET /v1/stats HTTP/9.x\r\nHost: x\r\n\r\n",
     "over-long-line": b"GET /v1/blocks/" + b"k" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
     "over-long-header": b"GET /healthz HTTP/1.1\r\nX-Big: " + b"v" * 20_000 + b"\r\n\r\n",
+    # The landing framing must neither wait for a CRLF that never comes nor read a length
+    # aiohttp would refuse.
+    "bare-lf-line-ends": b"GET /healthz HTTP/1.1\nHost: x\n\n",
+    "space-before-colon": b"PUT /v1/blocks/k HTTP/1.1\r\nHost: x\r\nContent-Length : 1\r\n\r\nA",
 }
 
 
@@ -361,3 +367,105 @@ async def test_heads_the_parser_refuses_get_the_json_error_shape(
         assert answer["detail"] and "^" not in answer["detail"]
         async with aiohttp.ClientSession() as http, http.get(f"{gw.url}/healthz") as resp:
             assert resp.status == 200  # the server is still up
+
+
+def _chunked(method: str, path: str, body: bytes, *, extra: str = "") -> tuple[bytes, bytes]:
+    head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n{extra}"
+    return head.encode(), body
+
+
+def _encoded(method: str, path: str, body: bytes, encoding: str) -> tuple[bytes, bytes]:
+    head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+    return f"{head}Content-Encoding: {encoding}\r\n".encode(), body
+
+
+JSON = "Content-Type: application/json\r\n"
+UNREADABLE_BODIES = {
+    "lookup-bad-chunk-size": _chunked("POST", "/v1/lookup", b"zz\r\n{}\r\n0\r\n\r\n", extra=JSON),
+    "lookup-negative-chunk": _chunked("POST", "/v1/lookup", b"-5\r\n{}\r\n0\r\n\r\n", extra=JSON),
+    "lookup-hex-prefix": _chunked("POST", "/v1/lookup", b"0x2\r\n{}\r\n0\r\n\r\n", extra=JSON),
+    "put-chunk-without-crlf": _chunked("PUT", "/v1/blocks/k", b"3\r\nabcXX0\r\n\r\n"),
+    "batch-bad-chunk-size": _chunked("POST", "/v1/batch/get", b"zz\r\n{}\r\n0\r\n\r\n", extra=JSON),
+    "lookup-bad-gzip": _encoded("POST", "/v1/lookup", b"not gzip at all", "gzip"),
+    "put-bad-gzip": _encoded("PUT", "/v1/blocks/k", b"not gzip at all", "gzip"),
+    "put-bad-deflate": _encoded("PUT", "/v1/blocks/k", b"not deflate at all", "deflate"),
+}
+
+
+async def exchange_in_two_parts(url: str, head: bytes, body: bytes) -> tuple[int, bytes]:
+    """The head with ``Expect: 100-continue``, the body only once the server asked for it: the
+    handler is then already reading when the bad body arrives."""
+    parts = urlsplit(url)
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    try:
+        writer.write(head + b"Expect: 100-continue\r\n\r\n")
+        await writer.drain()
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert interim.startswith(b"HTTP/1.1 100"), interim
+        writer.write(body)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        status = int(answer.split(b" ", 2)[1])
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in answer.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        return status, await asyncio.wait_for(reader.readexactly(length), 10)
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("delivery", ["one-write", "after-100-continue"])
+@pytest.mark.parametrize("land_puts", [True, False], ids=["landing", "aiohttp-only"])
+@pytest.mark.parametrize("request_parts", UNREADABLE_BODIES.values(), ids=UNREADABLE_BODIES.keys())
+async def test_unreadable_bodies_are_400_and_never_hang(
+    tmp_path: Path, land_puts: bool, delivery: str, request_parts: tuple[bytes, bytes]
+) -> None:
+    head, body = request_parts
+    async with running_gateway(tmp_path / "data", land_puts=land_puts) as gw:
+        if delivery == "one-write":
+            status, _, answer_bytes = await raw_exchange(gw.url, head + b"\r\n" + body)
+        else:
+            status, answer_bytes = await exchange_in_two_parts(gw.url, head, body)
+        assert status == 400, answer_bytes
+        answer = json.loads(answer_bytes)
+        assert answer["error"] == "bad_request" and answer["detail"]
+        async with aiohttp.ClientSession() as http, http.get(gw.block_url("k")) as resp:
+            assert resp.status == 404  # nothing was stored from a body that did not decode
+
+
+@pytest.mark.parametrize("land_puts", [True, False], ids=["landing", "aiohttp-only"])
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_content_encoded_put_stores_the_decoded_block(
+    tmp_path: Path, land_puts: bool, encoding: str
+) -> None:
+    # HTTP content coding wraps the representation, not the block: both listeners store the
+    # same bytes, the ones the client encoded.
+    block = bytes(range(256)) * 64
+    wrapped = gzip.compress(block) if encoding == "gzip" else zlib.compress(block)
+    async with running_gateway(tmp_path / "data", land_puts=land_puts) as gw:
+        headers = {"Content-Encoding": encoding, "Content-Type": "application/octet-stream"}
+        async with aiohttp.ClientSession() as http:
+            async with http.put(gw.block_url("k"), data=wrapped, headers=headers) as resp:
+                assert resp.status == 201, await resp.text()
+            async with http.get(gw.block_url("k")) as resp:
+                assert resp.status == 200
+                assert await resp.read() == block
+
+
+@pytest.mark.parametrize("land_puts", [True, False], ids=["landing", "aiohttp-only"])
+@pytest.mark.parametrize("coding", ["x-unknown", "gzip, deflate", "compress"])
+async def test_a_content_coding_that_cannot_be_decoded_is_415(
+    tmp_path: Path, land_puts: bool, coding: str
+) -> None:
+    # Stored as sent, these bytes would come back as a block the client never wrote.
+    async with (
+        running_gateway(tmp_path / "data", land_puts=land_puts) as gw,
+        aiohttp.ClientSession() as http,
+    ):
+        headers = {"Content-Encoding": coding}
+        async with http.put(gw.block_url("k"), data=b"abc", headers=headers) as resp:
+            await assert_json_error(resp, 415, "unsupported_media_type")
+        async with http.get(gw.block_url("k")) as resp:
+            assert resp.status == 404
