@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import ClientPayloadError, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
+from multidict import CIMultiDictProxy
 
 from coherence.errors import BadRequest as CoherenceBadRequest
 from coherence.errors import LeaseConflict, QuotaExceeded, StaleToken
@@ -46,6 +47,9 @@ from tiers.hierarchy import Hierarchy, StoreOutcome
 KEY_RE = re.compile(r"[A-Za-z0-9._:@-]{1,512}")
 _DTYPE_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _SHAPE_RE = re.compile(r"\d{1,12}(?:,\d{1,12}){0,15}")
+_TTL_RE = re.compile(
+    r"(?:[0-9]{1,12}(?:\.[0-9]{0,9})?|\.[0-9]{1,9})(?:[eE][+-]?[0-9]{1,3})?", re.ASCII
+)
 KNOWN_DTYPES = frozenset(
     {
         "bool",
@@ -63,6 +67,8 @@ KNOWN_DTYPES = frozenset(
     }
 )
 MAX_TTL_S = 10 * 365 * 24 * 3600.0
+# Expiry is checked against a clock read per request; finer than a millisecond means nothing.
+MIN_TTL_S = 0.001
 MAX_WAIT_MS = 60_000
 MAX_PIN_MS = 60_000
 MAX_LEASE_ID_CHARS = 128
@@ -216,15 +222,23 @@ def parse_shape(value: str | None) -> tuple[int, ...] | None:
     return tuple(int(part) for part in compact.split(","))
 
 
+def single_header(headers: CIMultiDictProxy[str], name: str) -> str | None:
+    """The one value of `name`; two values of a header that means one thing are misuse."""
+    values = headers.getall(name, [])
+    if len(values) > 1:
+        raise BadHeader(f"{name} was sent {len(values)} times; send it once")
+    return values[0] if values else None
+
+
 def parse_ttl(value: str | None) -> float | None:
     if value is None:
         return None
-    try:
-        ttl = float(value)
-    except ValueError:
-        raise BadHeader(f"X-KV-TTL {value[:40]!r} is not a number of seconds") from None
-    if not math.isfinite(ttl) or ttl <= 0 or ttl > MAX_TTL_S:
-        raise BadHeader(f"X-KV-TTL must be > 0 and <= {MAX_TTL_S:.0f} seconds")
+    # float() alone would take "1_0", non-ASCII digits and "1e-300": refuse what no client means.
+    if _TTL_RE.fullmatch(value.strip(" \t")) is None:
+        raise BadHeader(f"X-KV-TTL {value[:40]!r} is not a decimal number of seconds")
+    ttl = float(value)
+    if not math.isfinite(ttl) or ttl < MIN_TTL_S or ttl > MAX_TTL_S:
+        raise BadHeader(f"X-KV-TTL must be >= {MIN_TTL_S} and <= {MAX_TTL_S:.0f} seconds")
     return ttl
 
 
@@ -338,10 +352,10 @@ class Handlers:
         if length is not None and length > limit:
             raise PayloadTooLarge(f"body of {length} bytes; the limit is {limit}")
         headers = request.headers
-        dtype = parse_dtype(headers.get("X-KV-Dtype"))
-        shape = parse_shape(headers.get("X-KV-Shape"))
-        ttl = parse_ttl(headers.get("X-KV-TTL"))
-        token = parse_lease_token(headers.get("X-KV-Lease-Token"))
+        dtype = parse_dtype(single_header(headers, "X-KV-Dtype"))
+        shape = parse_shape(single_header(headers, "X-KV-Shape"))
+        ttl = parse_ttl(single_header(headers, "X-KV-TTL"))
+        token = parse_lease_token(single_header(headers, "X-KV-Lease-Token"))
         coherent = state.coherent
         scoped = ctx.scope(key)
         # Refuse a fenced-off writer before reading a body that could never be stored.
@@ -443,8 +457,8 @@ class Handlers:
         if content_type is not None and request.content_type not in (batch.MEDIA_TYPE, _OCTET):
             raise UnsupportedMediaType(f"send {batch.MEDIA_TYPE}, not {content_type[:60]!r}")
         headers = request.headers
-        dtype = parse_dtype(headers.get("X-KV-Dtype"))
-        ttl = parse_ttl(headers.get("X-KV-TTL"))
+        dtype = parse_dtype(single_header(headers, "X-KV-Dtype"))
+        ttl = parse_ttl(single_header(headers, "X-KV-TTL"))
         raw = await read_body(request, self._config.max_batch_bytes)
         try:
             items = batch.decode(

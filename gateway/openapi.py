@@ -95,7 +95,7 @@ def build_spec(*, version: str = "0.1.0") -> dict[str, Any]:
                         "name": "X-KV-TTL",
                         "in": "header",
                         "description": "seconds the block may be served",
-                        "schema": {"type": "number", "exclusiveMinimum": 0},
+                        "schema": {"type": "number", "minimum": 0.001, "maximum": 315360000},
                     },
                     {
                         "name": "X-KV-Lease-Token",
