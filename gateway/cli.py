@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gateway.config import ConfigError, GatewayConfig, load_config
+from tiers.errors import TierConfigError
 
 EXIT_OK = 0
 EXIT_RUNTIME = 1
@@ -135,6 +136,8 @@ def _serve(config: GatewayConfig) -> int:
         asyncio.run(serve(config))
     except OSError as exc:
         return _fail(f"cannot serve on {config.host}:{config.port}: {exc}", EXIT_RUNTIME)
+    except TierConfigError as exc:  # geometry validate() could not foresee is still the config's
+        return _fail(f"bad configuration: {exc}")
     except Exception as exc:  # startup failures (tiers that cannot open, ...) without a traceback
         return _fail(f"cannot start: {type(exc).__name__}: {exc}", EXIT_RUNTIME)
     return EXIT_OK

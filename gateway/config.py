@@ -318,9 +318,17 @@ def validate(config: GatewayConfig) -> None:
     if not 1 <= config.shm_lease_ms <= 600_000:
         raise ConfigError("shm_lease_ms: expected 1..600000 milliseconds")
     if config.shm_staging_bytes < config.page_bytes:
-        raise ConfigError("shm_staging_bytes: must hold at least one page")
-    if config.disk_bytes < 1:
-        raise ConfigError("disk_bytes: the disk tier needs a budget")
+        raise ConfigError(
+            f"shm_staging_bytes ({config.shm_staging_bytes}) must hold at least one page "
+            f"(page_bytes = {config.page_bytes}); raise shm_staging_bytes or lower page_bytes"
+        )
+    from tiers.disk import MIN_CAPACITY_BYTES
+
+    if config.disk_bytes < MIN_CAPACITY_BYTES:
+        raise ConfigError(
+            f"disk_bytes: the disk tier needs at least {MIN_CAPACITY_BYTES} bytes (1MiB), "
+            f"got {config.disk_bytes}"
+        )
     if not 1 <= config.disk_compression_level <= 22:
         raise ConfigError("disk_compression_level: expected 1..22 (zstd levels)")
     if config.shutdown_timeout_s < 0:

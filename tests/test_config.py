@@ -146,6 +146,23 @@ def test_cli_bad_config_exits_2_without_traceback(capsys: pytest.CaptureFixture[
     assert "hbm_bytes" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--disk-bytes", "1KiB"], "disk_bytes"),
+        (["--page-bytes", "1GiB"], "page_bytes"),
+    ],
+)
+def test_cli_sizes_no_tier_can_take_exit_2_naming_the_flag(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, flags: list[str], named: str
+) -> None:
+    # A budget the tier refuses is the operator's configuration, not a runtime failure (exit 1).
+    argv = ["serve", "--port", "0", "--data-dir", str(tmp_path), "--no-shm", *flags]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "bad configuration" in err and named in err and "Traceback" not in err
+
+
 def test_cli_remote_unreachable_fails_startup_cleanly(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
