@@ -176,6 +176,38 @@ async def test_ttl_bounds_serving() -> None:
     assert (await h.get("forever")) is not None
 
 
+async def test_ttl_outlives_a_graceful_restart(tmp_path: Path) -> None:
+    from tiers.disk import DiskTier
+
+    clock = FakeClock()
+
+    async def start() -> Hierarchy:
+        disk = await DiskTier.open(tmp_path / "disk", capacity_bytes=1 << 20)
+        h = Hierarchy([ArenaTier("hbm", 4 * BLOCK, page_bytes=PAGE), disk], clock=clock)
+        await h.open()
+        return h
+
+    h = await start()
+    await put(h, "short", expires_at=clock.time() + 5)
+    await put(h, "gone", expires_at=clock.time() + 1)
+    await put(h, "forever")
+    await h.close()  # spills the hot tier to disk
+    clock.advance(1)
+    h = await start()
+    try:
+        assert h.locate("short") == "disk"
+        assert h.locate("gone") is None
+        assert not h.tiers[1].contains("gone")  # the restart reclaims its disk bytes
+        assert (await h.get("short")) is not None
+        clock.advance(4)
+        assert h.locate("short") is None
+        assert await h.get("short") is None
+        hit = await h.get("forever")
+        assert hit is not None and bytes(hit.block.data) == payload("forever", BLOCK)
+    finally:
+        await h.close()
+
+
 async def test_tenant_bytes_follow_blocks() -> None:
     h = Hierarchy(three_tiers())
     await put(h, "alice/a", 100)

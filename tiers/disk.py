@@ -62,7 +62,7 @@ from tiers.frame import (
     ByteGroup,
     decode_frame,
     encode_frame,
-    frame_raw_length,
+    read_header,
 )
 from tiers.ledger import CapacityLedger
 from tiers.observe import ATTR_BYTES, ATTR_TIER, child_span
@@ -207,6 +207,9 @@ class DiskTier:
         self._ledger = CapacityLedger(self._ledger_budget)
         self._present: set[str] = set()
         self._sizes: dict[str, int] = {}  # raw (uncompressed) bytes per block, for quotas
+        # Sparse: only blocks stored with a TTL. Read back from frame headers on open, so an
+        # expiry outlives a restart without decoding a single payload.
+        self._expiry: dict[str, float] = {}
         self._gate = _ResizeGate()
         self._own_executor = executor is None
         self._pool: Executor = executor or ThreadPoolExecutor(
@@ -269,6 +272,10 @@ class DiskTier:
     def size_of(self, key: str) -> int:
         """Uncompressed bytes of a stored block (0 when absent): what quotas count."""
         return self._sizes.get(key, 0)
+
+    def expires_at_of(self, key: str) -> float | None:
+        """Wall-clock expiry a stored block carries (None: no TTL, or absent)."""
+        return self._expiry.get(key)
 
     def keys(self) -> list[str]:
         return list(self._present)
@@ -366,6 +373,8 @@ class DiskTier:
                 return PutOutcome.NO_ROOM
             if result and key in self._present:
                 self._sizes[key] = block.meta.size
+                if block.meta.expires_at is not None:
+                    self._expiry[key] = block.meta.expires_at
             return PutOutcome.STORED if result else PutOutcome.EXISTS
 
     async def delete(self, key: str) -> bool:
@@ -534,6 +543,7 @@ class DiskTier:
         elif op.kind in ("delete", "pop") and not isinstance(result, BaseException):
             self._present.discard(op.key)
             self._sizes.pop(op.key, None)
+            self._expiry.pop(op.key, None)
             self._ledger.release(op.key)
         if op.future.done():
             return
@@ -706,7 +716,13 @@ class DiskTier:
                     drop.append(lkey)  # not ours, or over a budget that shrank since
                     continue
                 self._present.add(key)
-                self._sizes[key] = frame_raw_length(v)
+                try:
+                    head = read_header(v)
+                except CorruptBlock:
+                    continue  # counted as present: its first read finds the damage and drops it
+                self._sizes[key] = head.raw_len
+                if head.expires_at is not None:
+                    self._expiry[key] = head.expires_at
         if drop:
             with self._env.begin(write=True) as txn:
                 for lkey in drop:

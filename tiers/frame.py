@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import struct
 import threading
+from dataclasses import dataclass
 from typing import Final, Literal
 
 import numpy as np
@@ -341,14 +342,6 @@ def frame_is_raw(buf: bytes | memoryview) -> bool:
     return len(buf) >= _FIXED.size and bytes(buf[:4]) == MAGIC and buf[5] == CODEC_RAW
 
 
-def frame_raw_length(buf: bytes | memoryview) -> int:
-    """The raw block length a frame's header declares, read without decoding (0 if unreadable)."""
-    if len(buf) < _FIXED.size:
-        return 0
-    fields = _FIXED.unpack_from(buf, 0)
-    return int(fields[5]) if fields[0] == MAGIC else 0
-
-
 def decode_frame(buf: bytes | memoryview, *, owned: bool = False) -> Block:
     """Parse, decompress and verify one frame.
 
@@ -366,7 +359,35 @@ def decode_frame(buf: bytes | memoryview, *, owned: bool = False) -> Block:
         raise CorruptBlock(f"undecodable frame: {exc}") from exc
 
 
-def _decode(view: memoryview, *, owned: bool) -> Block:
+@dataclass(frozen=True, slots=True)
+class FrameHeader:
+    """What a frame's checked header says, read without touching the payload."""
+
+    codec: int
+    width: int
+    raw_len: int
+    payload_len: int
+    want: bytes
+    dtype: str | None
+    shape: tuple[int, ...] | None
+    expires_at: float | None
+    payload_at: int
+
+
+def read_header(buf: bytes | memoryview) -> FrameHeader:
+    """Parse and check a frame's header only (cheap: no decompression, no payload hash).
+
+    Raises :class:`CorruptBlock` when the header is malformed or fails its own check.
+    """
+    try:
+        return _header(memoryview(buf))
+    except CorruptBlock:
+        raise
+    except Exception as exc:
+        raise CorruptBlock(f"unreadable frame header: {exc}") from exc
+
+
+def _header(view: memoryview) -> FrameHeader:
     total = len(view)
     if total < _FIXED.size + _HCHECK.size:
         raise CorruptBlock(f"frame of {total} bytes is shorter than a header")
@@ -406,8 +427,15 @@ def _decode(view: memoryview, *, owned: bool) -> Block:
     pos += _HCHECK.size
     if total - pos != payload_len:
         raise CorruptBlock(f"payload is {total - pos} bytes, header says {payload_len}")
-    payload = view[pos:]
+    return FrameHeader(
+        codec, width, raw_len, payload_len, bytes(want), dtype, shape, expires_at, pos
+    )
 
+
+def _decode(view: memoryview, *, owned: bool) -> Block:
+    head = _header(view)
+    codec, width, raw_len, payload_len = head.codec, head.width, head.raw_len, head.payload_len
+    payload = view[head.payload_at :]
     data: bytes | memoryview
     if codec == CODEC_RAW:
         if width != 1 or payload_len != raw_len:
@@ -424,6 +452,9 @@ def _decode(view: memoryview, *, owned: bool) -> Block:
         data = _decode_grouped(payload, width, raw_len)
     else:
         raise CorruptBlock(f"unknown codec {codec}")
-    if digest(data) != want:
+    if digest(data) != head.want:
         raise CorruptBlock("checksum mismatch")
-    return Block(data, BlockMeta(raw_len, want, dtype=dtype, shape=shape, expires_at=expires_at))
+    meta = BlockMeta(
+        raw_len, head.want, dtype=head.dtype, shape=head.shape, expires_at=head.expires_at
+    )
+    return Block(data, meta)

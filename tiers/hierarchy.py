@@ -177,15 +177,27 @@ class Hierarchy:
 
     async def open(self) -> None:
         """Index what the persistent tiers already hold (a restart comes back warm)."""
+        now = self._clock.time()
         for i, tier in enumerate(self._tiers):
             present = tier.keys()
             for key in present:
                 if key in self._index:
                     continue
+                expires_at = _expiry_hint(tier, key)
+                if expires_at is not None and now >= expires_at:
+                    await self._drop_expired(tier, key)
+                    continue
                 size = _size_hint(tier, key)
-                self._index[key] = _Loc(i, size, None)
+                self._index[key] = _Loc(i, size, expires_at)
                 self._account(key, size)
                 self._policies[i].on_insert(self._access(key, size))
+
+    async def _drop_expired(self, tier: Tier, key: str) -> None:
+        # Expired while the gateway was down: reclaim the bytes now rather than on eviction.
+        try:
+            await tier.delete(key)
+        except TierError as exc:
+            log.warning("could not drop expired block %r from %s: %s", key, tier.name, exc)
 
     async def close(self) -> None:
         await self.quiesce()
@@ -1016,6 +1028,15 @@ class Hierarchy:
             block = None
         if block is not None:
             await self._promote(key, block)
+
+
+def _expiry_hint(tier: Tier, key: str) -> float | None:
+    # A persistent tier remembers each block's TTL; without this a restart would serve it forever.
+    expires_at_of = getattr(tier, "expires_at_of", None)
+    if callable(expires_at_of):
+        value = expires_at_of(key)
+        return None if value is None else float(value)
+    return None
 
 
 def _size_hint(tier: Tier, key: str) -> int:
