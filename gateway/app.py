@@ -98,6 +98,23 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
+        if exc.status in (404, 405) and request.path.startswith("/v1/"):
+            # Authenticate before saying which routes exist: a caller without a token learns
+            # nothing about the API from probing it.
+            try:
+                await request.app[STATE].resolve(request)
+            except GatewayError as auth:
+                return json_error(auth.status, auth.error, auth.detail, headers=auth.headers)
+            except Exception as refused:
+                auth_error = http_error_for(refused)
+                if auth_error is None:
+                    raise
+                return json_error(
+                    auth_error.status,
+                    auth_error.error,
+                    auth_error.detail,
+                    headers=auth_error.headers,
+                )
         return _from_http_exception(request, exc)
     except ConnectionError:
         raise  # the client went away; aiohttp closes the connection quietly

@@ -39,9 +39,17 @@ async def test_v1_calls_need_a_known_bearer_token(tmp_path: Path) -> None:
                 assert r.status == status
             async with http.get(f"{gw.url}/v1/stats", headers=headers) as resp:
                 assert resp.status == status
+            # Unknown routes and methods answer as the known ones do: no map of the API for free.
+            async with http.get(f"{gw.url}/v1/no-such-route", headers=headers) as resp:
+                assert resp.status == status
+            async with http.patch(gw.block_url("k"), headers=headers) as resp:
+                assert resp.status == status
         for path in ("/healthz", "/readyz", "/openapi.json", "/metrics"):
             async with http.get(f"{gw.url}{path}") as resp:
                 assert resp.status == 200
+        good = {"Authorization": "Bearer alice-token"}
+        async with http.get(f"{gw.url}/v1/no-such-route", headers=good) as resp:
+            assert resp.status == 404
 
 
 async def test_same_key_two_tenants_two_blocks(tmp_path: Path) -> None:
