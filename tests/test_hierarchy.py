@@ -208,6 +208,21 @@ async def test_ttl_outlives_a_graceful_restart(tmp_path: Path) -> None:
         await h.close()
 
 
+async def test_tier_stats_count_the_misses_the_index_answered() -> None:
+    h = Hierarchy(three_tiers(hot=1, warm=1, cold=4))
+    for k in ("a", "b", "c"):
+        await put(h, k)
+    await h.quiesce()
+    assert where(h, "a", "b", "c") == ["cold", "dram", "hbm"]
+    assert await h.get("nope") is None  # misses everywhere
+    assert (await h.get("b")) is not None  # misses hbm, hits dram
+    await h.quiesce()
+    misses = {s.name: s.misses for s in h.stats()}
+    hits = {s.name: s.hits for s in h.stats()}
+    assert misses == {"hbm": 2, "dram": 1, "cold": 1}
+    assert hits["dram"] == 1
+
+
 async def test_tenant_bytes_follow_blocks() -> None:
     h = Hierarchy(three_tiers())
     await put(h, "alice/a", 100)

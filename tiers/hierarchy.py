@@ -19,7 +19,7 @@ import enum
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 from opentelemetry import trace
@@ -140,6 +140,8 @@ class Hierarchy:
         self._deleted_while_moving: set[str] = set()
         self._storing: dict[str, asyncio.Future[StoreOutcome]] = {}
         self._background: set[asyncio.Task[None]] = set()
+        # Reads the index answered for a tier without asking it: misses all the same.
+        self._index_miss_counts = [0] * len(self._tiers)
         self._tenant_bytes: dict[str, int] = {}
         self._shared = shared
         """Below every local tier: written through on put, read on a local miss (``--remote``)."""
@@ -677,7 +679,10 @@ class Hierarchy:
 
     def stats(self) -> list[TierStats]:
         """Hottest first; the shared remote tier last, with its totals as last refreshed."""
-        local = [tier.stats() for tier in self._tiers]
+        local = [
+            replace(stats, misses=stats.misses + self._index_miss_counts[i])
+            for i, stats in enumerate(tier.stats() for tier in self._tiers)
+        ]
         return local if self._shared is None else [*local, self._shared.stats()]
 
     async def refresh_shared(self) -> None:
@@ -751,7 +756,9 @@ class Hierarchy:
     def _index_misses(self, key: str, upto: int) -> None:
         """Tiers ``[0, upto)`` miss: the index says so, none of them is touched."""
         observer = self.observer
-        for tier in self._tiers[:upto]:
+        counts = self._index_miss_counts
+        for i, tier in enumerate(self._tiers[:upto]):
+            counts[i] += 1
             observer.tier_get(tier.name, None, False)
         if upto and recording():
             # One span per tier all the same, so a trace shows where the read went looking.
