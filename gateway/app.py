@@ -172,7 +172,12 @@ def create_app(
     app[STATE] = state
     telemetry = telemetry if telemetry is not None else Telemetry()
     # Installed first: its middleware wraps everything, its cleanup runs after the tiers close.
-    install_telemetry(app, telemetry, authorize=state.resolve)
+    install_telemetry(
+        app,
+        telemetry,
+        authorize=state.resolve,
+        metrics_token_sha256=config.metrics_token_sha256,
+    )
     telemetry.bind_hierarchy(lambda: state.hierarchy)
 
     async def tiers_ctx(app: web.Application) -> AsyncIterator[None]:

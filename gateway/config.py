@@ -133,6 +133,10 @@ class GatewayConfig:
     shm_lease_ms: int = 5_000
     """How long a shared-memory read stays pinned unless released first (the longest allowed is
     six times this)."""
+    metrics_token_sha256: str | None = None
+    """Hex SHA-256 of a bearer token that ``GET /metrics`` then requires. Unset, ``/metrics`` is
+    open, as Prometheus endpoints usually are; set it where the scrape port is reachable by
+    tenants, since the metrics carry every tenant's name and usage."""
     tenants: tuple[TenantConfig, ...] = field(default=())
 
     @property
@@ -202,6 +206,10 @@ def _coerce(name: str, value: object) -> object:
         if isinstance(value, str) and re.fullmatch(r"(redis|rediss|unix)://\S+", value.strip()):
             return value.strip()
         raise ConfigError(f"remote: expected a redis://HOST:PORT URL, got {value!r}")
+    if name == "metrics_token_sha256":
+        if isinstance(value, str) and _SHA256_RE.match(value.strip().lower()):
+            return value.strip().lower()
+        raise ConfigError(f"{name}: expected the SHA-256 hex of the token, got {value!r:.20}")
     if name in _STR_FIELDS:
         if isinstance(value, str) and value.strip():
             return value.strip()

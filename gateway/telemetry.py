@@ -55,6 +55,7 @@ from opentelemetry.sdk.trace.sampling import Sampler
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from coherence.tenants import Tenant, TenantRegistry
 from gateway.metrics import HierarchySource, KvgateMetrics
 from tiers.block import split_key
 from tiers.hierarchy import Hierarchy
@@ -294,6 +295,7 @@ async def traced_lease_wait(metrics: KvgateMetrics, scoped_key: str, waiting: Aw
 
 TELEMETRY = web.AppKey("kvgate_telemetry", Telemetry)
 _AUTHORIZE = web.AppKey("kvgate_telemetry_authorize", object)
+_SCRAPER = web.AppKey[TenantRegistry | None]("kvgate_telemetry_scraper")
 
 
 def install(
@@ -301,15 +303,22 @@ def install(
     telemetry: Telemetry,
     *,
     authorize: Authorize | None = None,
+    metrics_token_sha256: str | None = None,
 ) -> None:
     """Add the middleware (outermost), ``/metrics``, ``/dashboard`` and ``/v1/metrics/summary``.
 
     ``authorize`` guards the ``/v1/`` route like every other ``/v1/`` call (the gateway passes its
-    request-context resolver); ``/metrics`` and the dashboard page itself are unauthenticated.
+    request-context resolver). ``/metrics`` is open unless ``metrics_token_sha256`` names the
+    scraper's bearer token; the dashboard page itself is static and always open.
     The pipelines are flushed and shut down when the app cleans up.
     """
     app[TELEMETRY] = telemetry
     app[_AUTHORIZE] = authorize
+    app[_SCRAPER] = (
+        None
+        if metrics_token_sha256 is None
+        else TenantRegistry([Tenant("metrics-scraper", metrics_token_sha256)])
+    )
     app.middlewares.insert(0, telemetry.middleware)
     app.router.add_get("/metrics", metrics_handler, allow_head=False)
     app.router.add_get("/dashboard", dashboard_handler, allow_head=False)
@@ -323,6 +332,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
+    scraper = request.app[_SCRAPER]
+    if scraper is not None:
+        scraper.authenticate(request.headers.get("Authorization"))  # 401 / 403 when refused
     body = generate_latest(request.app[TELEMETRY].metrics.registry)
     response = web.Response(body=body)
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST

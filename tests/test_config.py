@@ -113,6 +113,7 @@ def test_tenants_table(tmp_path: Path) -> None:
             "share one token",
         ),
         ("port = \n", "not valid TOML"),
+        ('metrics_token_sha256 = "abc"\n', "metrics_token_sha256"),
     ],
 )
 def test_bad_files_fail_clearly(tmp_path: Path, toml: str, message: str) -> None:

@@ -66,3 +66,26 @@ async def test_same_key_two_tenants_two_blocks(tmp_path: Path) -> None:
         assert await bob.get("shared-name") == b"bob's"
         assert await bob.delete("shared-name") is True
         assert await alice.get("shared-name") == b"alice's"
+
+
+async def test_a_metrics_token_guards_the_scrape_endpoint(tmp_path: Path) -> None:
+    # The metrics name every tenant: where tenants can reach the port, the scraper needs a token.
+    digest = hashlib.sha256(b"scraper-token").hexdigest()
+    async with (
+        running_gateway(tmp_path, tenants=TENANTS, metrics_token_sha256=digest) as gw,
+        aiohttp.ClientSession() as http,
+    ):
+        cases = [
+            ({}, 401),
+            ({"Authorization": "Bearer alice-token"}, 403),  # a tenant's token is not the scraper's
+            ({"Authorization": "Bearer scraper-token"}, 200),
+        ]
+        for headers, status in cases:
+            async with http.get(f"{gw.url}/metrics", headers=headers) as resp:
+                assert resp.status == status
+                if status == 200:
+                    assert "kvgate_tier_capacity_bytes" in await resp.text()
+                else:
+                    assert (await resp.json())["error"] in ("unauthorized", "forbidden")
+        async with http.get(f"{gw.url}/healthz") as resp:
+            assert resp.status == 200
