@@ -103,17 +103,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             # nothing about the API from probing it.
             try:
                 await request.app[STATE].resolve(request)
-            except GatewayError as auth:
-                return json_error(auth.status, auth.error, auth.detail, headers=auth.headers)
             except Exception as refused:
-                auth_error = http_error_for(refused)
-                if auth_error is None:
+                denied = http_error_for(refused)
+                if denied is None:
                     raise
                 return json_error(
-                    auth_error.status,
-                    auth_error.error,
-                    auth_error.detail,
-                    headers=auth_error.headers,
+                    denied.status, denied.error, denied.detail, headers=denied.headers
                 )
         return _from_http_exception(request, exc)
     except ConnectionError:
