@@ -249,11 +249,14 @@ def build_spec(*, version: str = "0.1.0") -> dict[str, Any]:
         "/metrics": {
             "get": {
                 "summary": "Prometheus metrics (per-tier series carry a tier label)",
+                "description": "Open unless metrics_token_sha256 is configured; then the "
+                "scraper's bearer token is required (401 without it, 403 with another).",
                 "responses": {
                     "200": {
                         "description": "Prometheus text format",
                         "content": {"text/plain": {"schema": {"type": "string"}}},
-                    }
+                    },
+                    **_errors(401, 403),
                 },
             }
         },
