@@ -8,9 +8,9 @@ import signal
 import sys
 from collections.abc import Callable
 
-from aiohttp import web
+from aiohttp import web, web_protocol
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.web_protocol import RequestHandler, _ErrInfo
+from aiohttp.web_protocol import RequestHandler
 
 from gateway.app import HierarchyFactory, create_app
 from gateway.config import GatewayConfig, format_size
@@ -20,6 +20,11 @@ from gateway.state import STATE
 from tiers.clock import SYSTEM_CLOCK, Clock
 
 log = logging.getLogger("kvgate.server")
+
+# aiohttp's private record of a refused message (3.9 through 3.14 at least). Should a release
+# drop it, the gateway still runs; only the early 400 for a broken body falls back to aiohttp's
+# own behaviour (tests/test_http_errors.py shows which).
+_ErrInfo: type | None = getattr(web_protocol, "_ErrInfo", None)
 
 
 def setup_logging(level: str) -> None:
@@ -68,7 +73,10 @@ class JsonErrorHandler(RequestHandler):
     __slots__ = ()
 
     def data_received(self, data: bytes) -> None:
-        messages = self._messages
+        messages = getattr(self, "_messages", None)
+        if messages is None or _ErrInfo is None:
+            super().data_received(data)
+            return
         queued = len(messages)
         super().data_received(data)
         # aiohttp queues a body its parser refuses (a bad chunk size, a broken chunk) as an
@@ -78,16 +86,17 @@ class JsonErrorHandler(RequestHandler):
         if len(messages) <= queued:
             return
         refused = messages[-1][0]
-        if not isinstance(refused, _ErrInfo) or not isinstance(refused.exc, HttpProcessingError):
+        exc = getattr(refused, "exc", None)
+        if not isinstance(refused, _ErrInfo) or not isinstance(exc, HttpProcessingError):
             return
         if len(messages) >= 2:
             body = messages[-2][1]  # its handler has not started yet
-        elif self._current_request is not None:
-            body = self._current_request.content
+        elif (current := getattr(self, "_current_request", None)) is not None:
+            body = current.content
         else:
             return
         if not body.is_eof():
-            body.set_exception(refused.exc)
+            body.set_exception(exc)
 
     def handle_error(
         self,
