@@ -176,6 +176,20 @@ async def test_ttl_bounds_serving() -> None:
     assert (await h.get("forever")) is not None
 
 
+async def test_a_put_over_an_expired_block_is_served() -> None:
+    clock = FakeClock()
+    h = Hierarchy(three_tiers(), clock=clock)
+    await put(h, "alice/k", BLOCK, expires_at=clock.time() + 1)
+    clock.advance(1)
+    # No read saw it expire: the put must still replace it, not inherit its index entry.
+    assert await h.put("alice/k", Block.of(b"v2" * 100)) is StoreOutcome.STORED
+    hit = await h.get("alice/k")
+    assert hit is not None and bytes(hit.block.data) == b"v2" * 100
+    clock.advance(3600)
+    assert (await h.get("alice/k")) is not None  # the new block has no TTL
+    assert h.tenant_bytes("alice") == 200
+
+
 async def test_ttl_outlives_a_graceful_restart(tmp_path: Path) -> None:
     from tiers.disk import DiskTier
 

@@ -79,6 +79,32 @@ async def test_round_trip_first_writer_wins_and_delete(redis_url: str) -> None:
         await tier.close()
 
 
+async def test_a_block_past_its_ttl_is_absent_and_replaced(redis_url: str) -> None:
+    clock = FakeClock(start=1_000_000.0)
+    settings = RemoteSettings(url=redis_url, capacity_bytes=1 << 24)
+    tier = await RemoteTier.connect(settings, clock=clock)
+    other = await RemoteTier.connect(settings, clock=clock)  # a second gateway: nothing cached
+    try:
+        short = Block.of(b"old", expires_at=clock.time() + 5)
+        assert await tier.put("t/ttl", short) is PutOutcome.STORED
+        assert await other.present(["t/ttl"]) == [True]
+        assert await other.put("t/ttl", Block.of(b"racing")) is PutOutcome.EXISTS
+        clock.advance(5)
+        # No read has dropped it: every gateway must still see it gone, and a put replace it.
+        assert await other.present(["t/ttl"]) == [False]
+        fresh = Block.of(b"new")
+        assert await other.put("t/ttl", fresh) is PutOutcome.STORED
+        got = await tier.get("t/ttl")
+        assert got is not None and bytes(got.data) == b"new"
+        assert await tier.present(["t/ttl"]) == [True]  # no TTL now: the old expiry went too
+        await tier.refresh()
+        assert tier.stats().blocks == 1  # the replaced frame left the shared totals
+        assert tier.stats().used_bytes < 200
+    finally:
+        await tier.close()
+        await other.close()
+
+
 async def test_budget_evicts_the_shared_least_recently_used(redis_url: str) -> None:
     size = 8192
     # Random bytes do not compress: frames are size + a small header; room for three.

@@ -437,6 +437,12 @@ class Hierarchy:
             # stored again until the move has ended (its clean-up would remove the new copy).
             if key in self._moving or self.contains(key):
                 return StoreOutcome.EXISTS
+            stale = self._index.get(key)
+            if stale is not None and self._expired(stale):
+                # Past its TTL: drop it first, or the new block would inherit its index entry
+                # (the old expiry, size and tenant bytes) and never be served.
+                await self.delete(key, local_only=True)
+                continue
             pending = self._storing.get(key)
             if pending is None:
                 break

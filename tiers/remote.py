@@ -13,7 +13,10 @@ plain SET just before, in the same pipeline, and the script RENAMEs it into plac
 * ``{prefix}:blk:{key}`` -- a block's frame;
 * ``{prefix}:stage:{uuid}`` -- a frame on its way in (expires after ``STAGE_TTL_MS``);
 * ``{prefix}:lru`` -- sorted set of keys scored by a shared access counter (the LRU order);
-* ``{prefix}:meta`` -- hash of ``bytes``, ``blocks``, ``evictions`` and the counter ``seq``.
+* ``{prefix}:meta`` -- hash of ``bytes``, ``blocks``, ``evictions`` and the counter ``seq``;
+* ``{prefix}:exp`` -- hash of key -> wall-clock ms its TTL ends, for blocks stored with one.
+  A block past it is absent to every gateway: ``present`` says no, and a put replaces it. Not
+  Redis's own expiry: Redis would drop the frame without the budget and LRU order knowing.
 
 A put can carry a :class:`Fence`, checked in the same atomic step that publishes the block;
 the coherence layer uses it to make fencing tokens hold across gateways. Victim keys are
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -58,8 +62,10 @@ _INLINE_CODEC_BYTES = 64 * 1024
 STAGE_TTL_MS = 60_000
 """A staging key left behind by a gateway that died between the two commands expires."""
 
-# KEYS: block, lru, meta, fence record (the block key again when there is no fence), staged frame
-# ARGV: fence mode ("" | "free" | "token"), token, now_ms, capacity, member, block prefix
+# KEYS: block, lru, meta, fence record (the block key again when there is no fence), staged
+# frame, expiry hash
+# ARGV: fence mode ("" | "free" | "token"), token, fence now_ms, capacity, member, block prefix,
+# the new block's expiry ms ("" for none), wall-clock now ms
 _PUT = """
 local function refuse(answer, evicted)
   redis.call('DEL', KEYS[5])
@@ -79,8 +85,19 @@ if mode ~= '' then
   end
 end
 if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('ZADD', KEYS[2], redis.call('HINCRBY', KEYS[3], 'seq', 1), ARGV[5])
-  return refuse('exists', 0)
+  local ends = redis.call('HGET', KEYS[6], ARGV[5])
+  if ends and tonumber(ends) <= tonumber(ARGV[8]) then
+    -- Past its TTL: gone for readers, so this put replaces it.
+    local old = redis.call('STRLEN', KEYS[1])
+    redis.call('DEL', KEYS[1])
+    redis.call('ZREM', KEYS[2], ARGV[5])
+    redis.call('HDEL', KEYS[6], ARGV[5])
+    redis.call('HINCRBY', KEYS[3], 'bytes', -old)
+    redis.call('HINCRBY', KEYS[3], 'blocks', -1)
+  else
+    redis.call('ZADD', KEYS[2], redis.call('HINCRBY', KEYS[3], 'seq', 1), ARGV[5])
+    return refuse('exists', 0)
+  end
 end
 local cap = tonumber(ARGV[4])
 if size > cap then return refuse('too_large', 0) end
@@ -92,6 +109,7 @@ while used + size > cap do
   local victim = ARGV[6] .. oldest[1]
   local vlen = redis.call('STRLEN', victim)
   redis.call('ZREM', KEYS[2], oldest[1])
+  redis.call('HDEL', KEYS[6], oldest[1])
   if redis.call('DEL', victim) == 1 then
     used = used - vlen
     evicted = evicted + 1
@@ -104,6 +122,11 @@ if used + size > cap then
 end
 redis.call('RENAME', KEYS[5], KEYS[1])
 redis.call('PERSIST', KEYS[1])
+if ARGV[7] ~= '' then
+  redis.call('HSET', KEYS[6], ARGV[5], ARGV[7])
+else
+  redis.call('HDEL', KEYS[6], ARGV[5])
+end
 redis.call('ZADD', KEYS[2], redis.call('HINCRBY', KEYS[3], 'seq', 1), ARGV[5])
 redis.call('HSET', KEYS[3], 'bytes', used + size)
 redis.call('HINCRBY', KEYS[3], 'blocks', 1)
@@ -117,10 +140,11 @@ _TOUCH = """
 return redis.call('ZADD', KEYS[1], 'XX', redis.call('HINCRBY', KEYS[2], 'seq', 1), ARGV[1])
 """
 
-# KEYS: block, lru, meta; ARGV: member
+# KEYS: block, lru, meta, expiry hash; ARGV: member
 _DELETE = """
 local size = redis.call('STRLEN', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[4], ARGV[1])
 if redis.call('DEL', KEYS[1]) == 1 then
   redis.call('HINCRBY', KEYS[3], 'bytes', -size)
   redis.call('HINCRBY', KEYS[3], 'blocks', -1)
@@ -186,6 +210,7 @@ class RemoteTier:
         self._block_prefix = f"{prefix}:blk:"
         self._lru = f"{prefix}:lru"
         self._meta = f"{prefix}:meta"
+        self._exp = f"{prefix}:exp"
         self._put = client.register_script(_PUT)
         self._touch = client.register_script(_TOUCH)
         self._stage_prefix = f"{prefix}:stage:"
@@ -271,12 +296,24 @@ class RemoteTier:
             token = "" if fence.token is None else str(fence.token)
             record, now_ms = fence.record, fence.now_ms
         stage = f"{self._stage_prefix}{uuid.uuid4().hex}"
+        ends = block.meta.expires_at
+        ends_ms = "" if ends is None else str(math.ceil(ends * 1000))
+        wall_ms = int(self._clock.time() * 1000)
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 pipe.set(stage, frame, px=STAGE_TTL_MS)
                 await self._put(
-                    keys=[self.block_key(key), self._lru, self._meta, record, stage],
-                    args=[mode, token, now_ms, self.capacity_bytes, key, self._block_prefix],
+                    keys=[self.block_key(key), self._lru, self._meta, record, stage, self._exp],
+                    args=[
+                        mode,
+                        token,
+                        now_ms,
+                        self.capacity_bytes,
+                        key,
+                        self._block_prefix,
+                        ends_ms,
+                        wall_ms,
+                    ],
                     client=pipe,
                 )
                 _, answer = await pipe.execute()
@@ -296,24 +333,30 @@ class RemoteTier:
     async def delete(self, key: str) -> bool:
         try:
             removed = await self._delete(
-                keys=[self.block_key(key), self._lru, self._meta], args=[key]
+                keys=[self.block_key(key), self._lru, self._meta, self._exp], args=[key]
             )
         except (RedisError, OSError) as exc:
             raise TierIOError(f"remote delete failed: {exc}") from exc
         return bool(removed)
 
     async def present(self, keys: Sequence[str]) -> list[bool]:
-        """Whether each key is stored, in one round trip."""
+        """Whether each key is stored and within its TTL, in one round trip."""
         if not keys:
             return []
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 for key in keys:
                     pipe.exists(self.block_key(key))
+                pipe.hmget(self._exp, list(keys))
                 answers: list[Any] = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise TierIOError(f"remote lookup failed: {exc}") from exc
-        return [bool(n) for n in answers]
+        now_ms = self._clock.time() * 1000
+        ends: list[bytes | None] = answers[-1]
+        return [
+            bool(n) and (end is None or int(end) > now_ms)
+            for n, end in zip(answers[:-1], ends, strict=True)
+        ]
 
     # -- stats and lifecycle -----------------------------------------------------------------
 
