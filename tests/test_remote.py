@@ -26,7 +26,7 @@ from tests.conftest import RunningGateway, running_gateway
 from tiers.base import PutOutcome
 from tiers.block import Block
 from tiers.clock import FakeClock
-from tiers.remote import Fence, RemoteSettings, RemoteTier
+from tiers.remote import POOL_CONNECTIONS, Fence, RemoteSettings, RemoteTier
 
 pytestmark = pytest.mark.skipif(
     redis_server_binary() is None,
@@ -103,6 +103,32 @@ async def test_a_block_past_its_ttl_is_absent_and_replaced(redis_url: str) -> No
     finally:
         await tier.close()
         await other.close()
+
+
+async def test_a_burst_past_the_pool_size_waits_instead_of_failing(redis_url: str) -> None:
+    tier = await RemoteTier.connect(RemoteSettings(url=redis_url, capacity_bytes=1 << 24))
+    try:
+        assert await tier.put("t/burst", _block(1000)) is PutOutcome.STORED
+        # More calls at once than the pool has connections: they queue, none fails.
+        calls = [tier.get("t/burst") for _ in range(POOL_CONNECTIONS + 100)]
+        got = await asyncio.gather(*calls)
+        assert all(block is not None for block in got)
+    finally:
+        await tier.close()
+
+
+async def test_the_first_call_after_redis_drops_connections_succeeds(
+    redis_url: str, client: aioredis.Redis
+) -> None:
+    tier = await RemoteTier.connect(RemoteSettings(url=redis_url, capacity_bytes=1 << 24))
+    try:
+        assert await tier.put("t/blip", _block(1000)) is PutOutcome.STORED
+        killed = await client.client_kill_filter(_type="normal", skipme=True)
+        assert killed >= 1  # the tier's pooled connection is among them
+        assert await tier.get("t/blip") is not None
+        assert await tier.present(["t/blip"]) == [True]
+    finally:
+        await tier.close()
 
 
 async def test_budget_evicts_the_shared_least_recently_used(redis_url: str) -> None:

@@ -36,7 +36,11 @@ from functools import partial
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tiers.base import PutOutcome, TierStats
 from tiers.block import Block
@@ -50,6 +54,12 @@ _A = TypeVar("_A")
 _R = TypeVar("_R")
 
 REMOTE_TIER = "remote"
+POOL_CONNECTIONS = 256
+"""Redis connections per gateway; more concurrent calls queue for one."""
+POOL_WAIT_S = 5.0
+"""How long a call waits for a free connection before it fails (a 503, or a local miss)."""
+RETRIES = 2
+"""Retries of a call whose connection Redis dropped, each on a fresh connection."""
 DEFAULT_PREFIX = "kvgate"
 _INLINE_CODEC_BYTES = 64 * 1024
 """Frames smaller than this are encoded and decoded on the loop: an executor hop costs more."""
@@ -230,7 +240,19 @@ class RemoteTier:
         executor: Executor | None = None,
     ) -> RemoteTier:
         """Connect and check Redis answers; :class:`TierIOError` when it does not."""
-        client = aioredis.Redis.from_url(settings.url, decode_responses=False)
+        # A blocking pool: past its size a call waits for a connection (up to the timeout)
+        # instead of failing with "Too many connections" under a burst of requests. A
+        # connection Redis dropped (a restart, a network blip) is retried on a fresh one, so
+        # the first call after the blip does not fail.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            settings.url,
+            max_connections=POOL_CONNECTIONS,
+            timeout=POOL_WAIT_S,
+            decode_responses=False,
+            retry=Retry(ExponentialBackoff(cap=0.25, base=0.01), RETRIES),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        )
+        client = aioredis.Redis.from_pool(pool)
         try:
             await client.ping()
         except (RedisError, OSError) as exc:
