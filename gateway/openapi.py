@@ -120,7 +120,10 @@ def build_spec(*, version: str = "0.1.0") -> dict[str, Any]:
             "delete": {
                 "summary": "Remove a block from every tier",
                 "parameters": [_KEY_PARAM],
-                "responses": {"204": {"description": "deleted"}, **_errors(400, 401, 403, 404)},
+                "responses": {
+                    "204": {"description": "deleted"},
+                    **_errors(400, 401, 403, 404, 503),
+                },
             },
         },
         "/v1/lookup": {

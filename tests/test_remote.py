@@ -448,6 +448,33 @@ async def test_redis_going_away_degrades_never_500(
             assert resp.status == 503 and (await resp.json())["error"] == "unavailable"
         async with http.get(f"{gw.url}/v1/stats") as resp:
             assert resp.status == 200
+        async with http.delete(gw.block_url("before")) as resp:
+            # Other gateways may still serve the shared copy: not reported as deleted.
+            assert resp.status == 503 and (await resp.json())["error"] == "unavailable"
+
+
+async def test_a_delete_during_a_remote_hits_copy_in_stays_deleted(
+    tmp_path: Path, redis_url: str, http: aiohttp.ClientSession
+) -> None:
+    async with AsyncExitStack() as stack:
+        a, b = await _pair(stack, tmp_path, redis_url)
+        async with http.put(b.block_url("doc"), data=os.urandom(100_000)) as resp:
+            assert resp.status == 201
+        key = "default/doc"
+        hit = await a.hierarchy.get(key)
+        assert hit is not None and hit.tier == "remote"  # its copy into a's tiers is under way
+        # What b's delete announcement does on a: drop the local copy, which is not there yet.
+        await a.hierarchy.delete(key, local_only=True)
+        await a.hierarchy.quiesce()
+        assert not a.hierarchy.contains(key)  # the copy in was fenced off, not published
+        # The same race with a's own delete, shared copy included.
+        async with http.put(b.block_url("doc2"), data=os.urandom(100_000)) as resp:
+            assert resp.status == 201
+        assert (await a.hierarchy.get("default/doc2")) is not None
+        assert await a.hierarchy.delete("default/doc2") is True
+        await a.hierarchy.quiesce()
+        async with http.get(a.block_url("doc2")) as resp:
+            assert resp.status == 404
 
 
 async def _none() -> None:

@@ -15,6 +15,7 @@ picked as a victim, and a delete that races with the move is honoured when the m
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 from collections import OrderedDict
@@ -40,7 +41,7 @@ from tiers.base import (
 )
 from tiers.block import TENANT_SEP, Block, split_key
 from tiers.clock import SYSTEM_CLOCK, Clock
-from tiers.errors import TierConfigError, TierError
+from tiers.errors import TierConfigError, TierError, TierIOError
 from tiers.observe import (
     ATTR_BYTES,
     ATTR_HIT,
@@ -140,6 +141,9 @@ class Hierarchy:
         self._deleted_while_moving: set[str] = set()
         self._storing: dict[str, asyncio.Future[StoreOutcome]] = {}
         self._background: set[asyncio.Task[None]] = set()
+        # Remote hits being copied into the local tiers: key -> the read's ticket (delete()
+        # takes it back, which fences the copy off).
+        self._admitting: dict[str, object] = {}
         # Reads the index answered for a tier without asking it: misses all the same.
         self._index_miss_counts = [0] * len(self._tiers)
         self._tenant_bytes: dict[str, int] = {}
@@ -342,7 +346,7 @@ class Hierarchy:
             self.observer.block_read(tenant, None if hit is None else hit.tier)
             return hit
         if self._expired(loc):
-            await self.delete(key)
+            await self._delete_quietly(key)
             self._index_misses(key, len(self._tiers))
             self.observer.block_read(tenant, None)
             return None
@@ -524,16 +528,33 @@ class Hierarchy:
     async def _get_shared(self, key: str) -> Hit | None:
         shared = self._shared
         assert shared is not None
-        block = await self._read(shared, key)
-        if block is None:
-            return None
-        if self._config.promote_on_hit:
-            self._spawn(self._admit_shared(key, block))
+        # Taken before the read: a delete (here, or announced by another gateway) that lands
+        # while the read or the copy below is under way takes it back, and the copy is fenced.
+        ticket = object()
+        self._admitting[key] = ticket
+        try:
+            block = await self._read(shared, key)
+        except BaseException:
+            self._end_admission(key, ticket)
+            raise
+        if block is None or not self._config.promote_on_hit:
+            self._end_admission(key, ticket)
+            return None if block is None else Hit(block, shared.name)
+        self._spawn(self._admit_shared(key, block, ticket))
         return Hit(block, shared.name)
 
-    async def _admit_shared(self, key: str, block: Block) -> None:
+    async def _admit_shared(self, key: str, block: Block, ticket: object) -> None:
         """Keep a copy of a remote hit in the local tiers: the next read is local."""
-        await self.put(key, block, local_only=True)
+        try:
+            await self.put(
+                key, block, local_only=True, publish_if=lambda: self._admitting.get(key) is ticket
+            )
+        finally:
+            self._end_admission(key, ticket)
+
+    def _end_admission(self, key: str, ticket: object) -> None:
+        if self._admitting.get(key) is ticket:
+            del self._admitting[key]
 
     async def _put_new(
         self,
@@ -581,19 +602,42 @@ class Hierarchy:
         return StoreOutcome.STORED if durable else StoreOutcome.NO_ROOM
 
     async def delete(self, key: str, *, local_only: bool = False) -> bool:
-        """Remove ``key`` from every tier (the shared remote one too, unless ``local_only``)."""
+        """Remove ``key`` from every tier (the shared remote one too, unless ``local_only``).
+
+        Raises :class:`TierIOError` when the shared tier could not delete it: the local copies
+        are gone, but other gateways may still serve the block, so the caller must not report
+        the delete as done.
+        """
         if key in self._moving:
             self._deleted_while_moving.add(key)
+        # A remote hit being copied into the local tiers must not publish after this.
+        self._admitting.pop(key, None)
         remote = False
+        remote_failure: TierError | None = None
         if self._shared is not None and not local_only:
             try:
                 remote = await self._shared.delete(key)
             except TierError as exc:
                 log.warning("remote tier failed deleting a block: %s", exc)
                 note_failure(trace.get_current_span(), exc, what="delete")
+                remote_failure = exc
+        removed = await self._delete_local(key) or remote
+        if remote_failure is not None:
+            raise TierIOError(
+                f"the shared tier could not delete the block: {remote_failure}"
+            ) from remote_failure
+        return removed
+
+    async def _delete_quietly(self, key: str) -> None:
+        """A delete the hierarchy decides itself (expiry, quota): a remote failure is logged."""
+        # Logged by delete(); an expired remote copy is absent to readers anyway.
+        with contextlib.suppress(TierIOError):
+            await self.delete(key)
+
+    async def _delete_local(self, key: str) -> bool:
         loc = self._index.get(key)
         if loc is None:
-            return remote or key in self._moving
+            return key in self._moving
         self._forget(key)
         removed = False
         for i, tier in enumerate(self._tiers):
@@ -630,7 +674,7 @@ class Hierarchy:
                 if loc is None:
                     policy.on_remove(victim)  # a stale policy entry: forget it and go on
                     continue
-                await self.delete(victim)
+                await self._delete_quietly(victim)
                 freed += loc.size
         return freed
 
