@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
 
-from coherence.errors import LeaseConflict, StaleToken
+from coherence.errors import LeaseConflict, LeaseStoreUnavailable, StaleToken
 from coherence.leases import (
     Granted,
     Held,
@@ -244,9 +244,17 @@ class Coherence:
         if hit is None and wait_ms > 0:
             # No await between the miss and parking: a commit cannot slip in unseen.
             waiting = self.leases.wait(key, wait_ms)
-            outcome = await (
-                waiting if self.metrics is None else traced_lease_wait(self.metrics, key, waiting)
-            )
+            try:
+                outcome = await (
+                    waiting
+                    if self.metrics is None
+                    else traced_lease_wait(self.metrics, key, waiting)
+                )
+            except LeaseStoreUnavailable as exc:
+                # Reads are served while the shared lease store is down: with no lease to wait
+                # on that can be known, the read is the miss it already was.
+                log.warning("cannot wait for a writer, the lease store is down: %s", exc)
+                return None
             # Shared leases: awaits came between the miss and parking, so a block committed
             # meanwhile shows up as NO_LEASE; read again either way.
             again = outcome is WaitOutcome.COMMITTED or (

@@ -448,6 +448,11 @@ async def test_redis_going_away_degrades_never_500(
             assert resp.status == 503 and (await resp.json())["error"] == "unavailable"
         async with http.get(f"{gw.url}/v1/stats") as resp:
             assert resp.status == 200
+        for method in ("GET", "HEAD"):
+            # Nothing to wait for that can be known: the miss it is, as without wait_ms.
+            url = gw.block_url("elsewhere")
+            async with http.request(method, url, params={"wait_ms": "50"}) as resp:
+                assert resp.status == 404
         async with http.delete(gw.block_url("before")) as resp:
             # Other gateways may still serve the shared copy: not reported as deleted.
             assert resp.status == 503 and (await resp.json())["error"] == "unavailable"
