@@ -170,7 +170,8 @@ class RedisLeaseTable:
         self._state = client.register_script(_STATE)
         self._parked: dict[str, _Parked] = {}
         self._waiting = 0
-        self._granted: dict[str, float] = {}  # lease id -> monotonic deadline, this gateway's
+        # lease id -> (key, monotonic deadline): the leases this gateway granted, for stats
+        self._granted: dict[str, tuple[str, float]] = {}
         self._pubsub: aioredis.client.PubSub | None = None
         self._listener: asyncio.Task[None] | None = None
         self._stopped = False
@@ -230,7 +231,14 @@ class RedisLeaseTable:
                     self.on_delete(key)
                 continue
             outcome = WaitOutcome.COMMITTED if text[:1] == "C" else WaitOutcome.GONE
+            self._ended(text[2:])
             self._wake(text[2:], outcome)
+
+    def _ended(self, key: str) -> None:
+        # The key's lease was committed or released, maybe through another gateway: a lease
+        # this gateway granted on it is no longer live.
+        for lease_id in [i for i, (k, _) in self._granted.items() if k == key]:
+            del self._granted[lease_id]
 
     def _wake(self, key: str, outcome: WaitOutcome) -> None:
         parked = self._parked.get(key)
@@ -253,7 +261,7 @@ class RedisLeaseTable:
         )
         if _text(answer[0]) == "held":
             return Held(max(1, int(answer[1])))
-        self._granted[lease_id] = self._clock.monotonic() + ttl / 1000
+        self._granted[lease_id] = (key, self._clock.monotonic() + ttl / 1000)
         return Granted(lease_id, int(answer[1]), int(answer[2]))
 
     async def renew(
@@ -274,7 +282,8 @@ class RedisLeaseTable:
         deadline_ms = int(answer[1])
         if lease_id in self._granted:
             self._granted[lease_id] = (
-                self._clock.monotonic() + (deadline_ms - self._now_ms()) / 1000
+                key,
+                self._clock.monotonic() + (deadline_ms - self._now_ms()) / 1000,
             )
         return deadline_ms
 
@@ -385,7 +394,7 @@ class RedisLeaseTable:
     def stats(self) -> LeaseStats:
         """This gateway's view: leases it granted that have not ended, readers parked here."""
         now = self._clock.monotonic()
-        for lease_id in [i for i, deadline in self._granted.items() if deadline <= now]:
+        for lease_id in [i for i, (_, deadline) in self._granted.items() if deadline <= now]:
             del self._granted[lease_id]
         return LeaseStats(live=len(self._granted), waiters=self._waiting, remembered=0)
 

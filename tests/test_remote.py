@@ -298,6 +298,23 @@ async def test_commit_on_one_table_wakes_a_waiter_on_another(client: aioredis.Re
             await table.close()
 
 
+async def test_a_lease_released_elsewhere_is_not_counted_live(client: aioredis.Redis) -> None:
+    clock = FakeClock()
+    a, b = await _tables(client, clock, FakeScheduler(clock))
+    try:
+        lease = await a.acquire("t/s", 60_000)
+        assert isinstance(lease, Granted) and a.stats().live == 1
+        assert await b.release(lease.lease_id) is True
+        await _until(lambda: a.stats().live == 0)  # heard through the release event
+        again = await a.acquire("t/s", 60_000)
+        assert isinstance(again, Granted)
+        assert await b.commit(again.lease_id, again.token, key="t/s") is True
+        await _until(lambda: a.stats().live == 0)
+    finally:
+        for table in (a, b):
+            await table.close()
+
+
 async def _until(ready: Callable[[], bool]) -> None:
     """Let other tasks run (Redis round trips on loopback) until ``ready``; no time is faked."""
     for _ in range(2000):
