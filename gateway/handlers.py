@@ -24,7 +24,8 @@ from coherence.errors import BadRequest as CoherenceBadRequest
 from coherence.errors import LeaseConflict, QuotaExceeded, StaleToken
 from coherence.leases import Held, parse_token
 from gateway import batch
-from gateway.coherent import DEFAULT_LEASE_TTL_MS, Exists
+from gateway.coherent import DEFAULT_LEASE_TTL_MS, Coherence, Exists
+from gateway.context import RequestContext
 from gateway.errors import (
     BadBatch,
     BadHeader,
@@ -477,18 +478,11 @@ class Handlers:
         # One at a time, in order: a key repeated in the batch keeps its first body.
         for item in items:
             block = Block.of(bytes(item.data), dtype=dtype, expires_at=expires_at)
-            try:
-                outcome = await coherent.put(ctx, ctx.scope(item.key), block, token=None)
-            except (LeaseConflict, StaleToken) as exc:
-                results.append({"key": item.key, "status": 409, "error": exc.code})
-                continue
-            except QuotaExceeded as exc:
-                results.append({"key": item.key, "status": 507, "error": exc.code})
-                continue
-            results.append(_put_result(item.key, outcome))
-            if outcome is StoreOutcome.STORED:
+            result = await put_item(coherent, ctx, item.key, block)
+            results.append(result)
+            if result["status"] == 201:
                 counts["stored"] += 1
-            elif outcome is StoreOutcome.EXISTS:
+            elif result["status"] == 200:
                 counts["exists"] += 1
         return json_response({**counts, "results": results})
 
@@ -579,6 +573,20 @@ class Handlers:
 
     async def openapi(self, request: web.Request) -> web.Response:
         return web.Response(body=self._openapi, headers=_JSON_HEADERS)
+
+
+async def put_item(
+    coherent: Coherence, ctx: RequestContext, key: str, block: Block
+) -> dict[str, object]:
+    """One item of a multi-block write, through the coherence layer like a single PUT (leases,
+    fencing, quotas, waiters woken), answered as that item's result instead of raised."""
+    try:
+        outcome = await coherent.put(ctx, ctx.scope(key), block, token=None)
+    except (LeaseConflict, StaleToken) as exc:
+        return {"key": key, "status": 409, "error": exc.code}
+    except QuotaExceeded as exc:
+        return {"key": key, "status": 507, "error": exc.code}
+    return _put_result(key, outcome)
 
 
 def _put_result(key: str, outcome: StoreOutcome) -> dict[str, object]:

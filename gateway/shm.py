@@ -25,7 +25,7 @@ import contextlib
 import logging
 import os
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from gateway.handlers import (
     keys_of,
     parse_dtype,
     parse_ttl,
+    put_item,
     read_json,
 )
 from gateway.state import STATE, GatewayState
@@ -46,7 +47,7 @@ from tiers.allocator import PageAllocator, Run
 from tiers.base import PinnedBlock, SharedTier
 from tiers.block import Block
 from tiers.clock import Clock
-from tiers.hierarchy import Hierarchy, StoreOutcome
+from tiers.hierarchy import Hierarchy
 from tiers.shmseg import SegmentInfo, ShmSegment, sweep_stale
 
 log = logging.getLogger("kvgate.shm")
@@ -216,29 +217,29 @@ class ShmExchange:
     async def commit(
         self,
         lease: _Lease,
-        scoped: Sequence[str],
-        store: Hierarchy,
+        keys: Sequence[str],
+        put: Callable[[str, Block], Awaitable[dict[str, object]]],
         *,
         dtype: str | None,
         expires_at: float | None,
-    ) -> list[StoreOutcome]:
-        if len(scoped) != len(lease.reserved):
-            raise BadJSON(f"{len(lease.reserved)} regions were reserved, {len(scoped)} keys sent")
+    ) -> list[dict[str, object]]:
+        """Store each reserved region under its key with ``put`` (the gateway's write path, so
+        leases, fencing and quotas hold as for any PUT); one result per key."""
+        if len(keys) != len(lease.reserved):
+            raise BadJSON(f"{len(lease.reserved)} regions were reserved, {len(keys)} keys sent")
         buf = memoryview(lease.session.staging.buffer)
-        outcomes: list[StoreOutcome] = []
+        results: list[dict[str, object]] = []
         try:
-            for skey, (size, runs) in zip(scoped, lease.reserved, strict=True):
+            for key, (size, runs) in zip(keys, lease.reserved, strict=True):
                 if len(runs) == 1:
                     data: bytes | memoryview = buf[runs[0][0] : runs[0][0] + size]
                 else:
                     data = b"".join(buf[a:b] for a, b in runs)
                 # The tiers copy the bytes before put returns; the region is free after that.
-                outcomes.append(
-                    await store.put(skey, Block.of(data, dtype=dtype, expires_at=expires_at))
-                )
+                results.append(await put(key, Block.of(data, dtype=dtype, expires_at=expires_at)))
         finally:
             self._end(lease.id)
-        return outcomes
+        return results
 
     # -- leases --------------------------------------------------------------------------------
 
@@ -431,28 +432,13 @@ class ShmHandlers:
         ttl_raw = payload.get("ttl_s")
         ttl = parse_ttl(None if ttl_raw is None else str(ttl_raw))
         expires_at = None if ttl is None else self._state.clock.time() + ttl
-        outcomes = await shm.commit(
-            lease,
-            [ctx.scope(k) for k in keys],
-            self._state.store,
-            dtype=dtype,
-            expires_at=expires_at,
-        )
-        return json_response(
-            {"results": [_put_result(k, o) for k, o in zip(keys, outcomes, strict=True)]}
-        )
+        coherent = self._state.coherent
 
+        async def put(key: str, block: Block) -> dict[str, object]:
+            return await put_item(coherent, ctx, key, block)
 
-_PUT_STATUS = {
-    StoreOutcome.STORED: 201,
-    StoreOutcome.EXISTS: 200,
-    StoreOutcome.TOO_LARGE: 413,
-    StoreOutcome.NO_ROOM: 507,
-}
-
-
-def _put_result(key: str, outcome: StoreOutcome) -> dict[str, object]:
-    return {"key": key, "status": _PUT_STATUS[outcome]}
+        results = await shm.commit(lease, keys, put, dtype=dtype, expires_at=expires_at)
+        return json_response({"results": results})
 
 
 def install(app: web.Application) -> None:

@@ -137,6 +137,28 @@ async def test_shm_round_trip_is_bit_identical(gateway: RunningGateway) -> None:
             assert fetched.etag == f'"{digest(data).hex()}"'
 
 
+async def test_shm_writes_respect_another_writers_lease(gateway: RunningGateway) -> None:
+    # The shm commit is a write like any PUT: a block under someone else's write lease is theirs
+    # to store, so the same-host path answers 409 for it and stores the free key beside it.
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{gateway.url}/v1/leases", json={"key": "held"}) as resp:
+            assert resp.status == 201
+            token = (await resp.json())["token"]
+        async with KVGateClient(gateway.url) as kv:
+            results = await kv.put_many({"held": b"intruder", "free": b"ok"})
+            assert kv.uses_shm
+            assert results == [("held", 409), ("free", 201)]
+            assert await kv.get("held") is None
+        async with http.put(
+            f"{gateway.url}/v1/blocks/held",
+            data=b"writer",
+            headers={"X-KV-Lease-Token": str(token)},
+        ) as resp:
+            assert resp.status == 201
+        async with http.get(f"{gateway.url}/v1/blocks/held") as resp:
+            assert await resp.read() == b"writer"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA, hbm is its own IPC segment")
 async def test_hbm_and_dram_in_one_arena_advertise_one_segment(
     gateway: RunningGateway, http: aiohttp.ClientSession
@@ -344,6 +366,21 @@ async def test_tenants_only_get_descriptors_for_their_own_blocks(tmp_path: Path)
             assert (await r.json())["items"][0]["status"] == 200
         async with http.post(f"{gw.url}/v1/shm/attach", json={}) as r:
             assert r.status == 401
+
+
+async def test_shm_writes_count_against_the_tenant_quota(tmp_path: Path) -> None:
+    alice = TenantConfig("alice", hashlib.sha256(b"alice-token").hexdigest(), quota_bytes=MiB)
+    async with (
+        running_gateway(tmp_path, tenants=(alice,)) as gw,
+        KVGateClient(gw.url, token="alice-token") as kv,
+    ):
+        results = await kv.put_many({"a": payload("a", 600_000), "b": payload("b", 600_000)})
+        assert kv.uses_shm
+        assert results == [("a", 201), ("b", 201)]
+        # Over her quota the tenant's own coldest block makes room, as for an HTTP PUT.
+        assert await kv.get("a") is None
+        assert await kv.get("b") == payload("b", 600_000)
+        assert gw.hierarchy.tenant_bytes("alice") <= MiB
 
 
 async def test_shm_rejects_malformed_control_calls(
