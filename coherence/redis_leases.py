@@ -67,10 +67,13 @@ RECORD_TTL_MS = 24 * 3600 * 1000
 makes a late write with that token be refused, never accepted."""
 
 # KEYS: record, counter, id key; ARGV: now_ms, ttl_ms, lease id, record ttl, key, token floor
+# The lease id is drawn before the call, so a retry after a lost reply (redis-py re-sends on a
+# dropped connection) finds its own grant and answers it again instead of 'held'.
 _ACQUIRE = """
-local rec = redis.call('HMGET', KEYS[1], 'live', 'deadline_ms')
+local rec = redis.call('HMGET', KEYS[1], 'live', 'deadline_ms', 'id', 'token')
 local now = tonumber(ARGV[1])
 if rec[1] == '1' and tonumber(rec[2]) > now then
+  if rec[3] == ARGV[3] then return {'granted', tonumber(rec[4]), tonumber(rec[2])} end
   return {'held', tonumber(rec[2]) - now}
 end
 local floor = tonumber(ARGV[6])

@@ -315,6 +315,85 @@ async def test_a_lease_released_elsewhere_is_not_counted_live(client: aioredis.R
             await table.close()
 
 
+class _ReplyDropper:
+    """A TCP proxy in front of redis-server that can lose one reply: the command reaches Redis
+    and runs, then the connection is cut before its answer gets back (a network blip)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self._upstream_port = upstream_port
+        self._armed: bytes | None = None
+        self.dropped = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return f"redis://127.0.0.1:{port}/0"
+
+    def drop_reply_to(self, command: bytes) -> None:
+        self._armed = command
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._upstream_port)
+        doomed = asyncio.Event()
+
+        async def upstream() -> None:
+            while data := await reader.read(65536):
+                if self._armed is not None and self._armed in data:
+                    self._armed = None
+                    doomed.set()
+                up_writer.write(data)
+                await up_writer.drain()
+
+        async def downstream() -> None:
+            while data := await up_reader.read(65536):
+                if doomed.is_set():
+                    self.dropped += 1
+                    return
+                writer.write(data)
+                await writer.drain()
+
+        tasks = [asyncio.ensure_future(upstream()), asyncio.ensure_future(downstream())]
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks:
+            task.cancel()
+        for w in (writer, up_writer):
+            w.close()
+
+
+async def test_an_acquire_whose_reply_was_lost_is_granted_on_the_retry(
+    redis_url: str, client: aioredis.Redis
+) -> None:
+    # The tier's client retries a call whose connection dropped. The acquire had already run
+    # in Redis, so the retry must find its own grant, not answer 409 to the lease's holder.
+    proxy = _ReplyDropper(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+    url = await proxy.start()
+    tier = await RemoteTier.connect(RemoteSettings(url=url, capacity_bytes=1 << 24))
+    clock = FakeClock()
+    table = RedisLeaseTable(tier.client, clock=clock, scheduler=FakeScheduler(clock))
+    await table.open()
+    (other,) = await _tables(client, clock, FakeScheduler(clock), n=1)
+    try:
+        assert isinstance(await table.acquire("t/warm", 1000), Granted)  # loads the script
+        proxy.drop_reply_to(b"EVALSHA")
+        lease = await table.acquire("t/k", 1000)
+        assert proxy.dropped == 1
+        assert isinstance(lease, Granted)
+        assert isinstance(await other.acquire("t/k", 1000), Held)  # still one writer
+        permit = await table.check_write("t/k", lease.token)
+        assert permit.lease_id == lease.lease_id
+        assert await table.commit(lease.lease_id, lease.token, key="t/k") is True
+    finally:
+        for t in (table, other):
+            await t.close()
+        await tier.close()
+        await proxy.close()
+
+
 async def _until(ready: Callable[[], bool]) -> None:
     """Let other tasks run (Redis round trips on loopback) until ``ready``; no time is faked."""
     for _ in range(2000):
