@@ -582,10 +582,8 @@ async def put_item(
     fencing, quotas, waiters woken), answered as that item's result instead of raised."""
     try:
         outcome = await coherent.put(ctx, ctx.scope(key), block, token=None)
-    except (LeaseConflict, StaleToken) as exc:
-        return {"key": key, "status": 409, "error": exc.code}
-    except QuotaExceeded as exc:
-        return {"key": key, "status": 507, "error": exc.code}
+    except (LeaseConflict, StaleToken, QuotaExceeded) as exc:
+        return {"key": key, "status": exc.http_status, "error": exc.code}
     return _put_result(key, outcome)
 
 

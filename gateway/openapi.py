@@ -541,7 +541,8 @@ def _shm_paths() -> dict[str, Any]:
         "/v1/shm/commit": _shm_op(
             "Store what was written into reserved staging space",
             '{"session", "lease", "keys": [...], "dtype"?, "ttl_s"?} -> {"results": '
-            '[{"key", "status"}]} with the statuses of PUT (201, 200, 413, 507).',
+            '[{"key", "status", "error"?}]} with the statuses of PUT (201, 200, 409 when '
+            "another writer holds the key's lease, 413, 507).",
             "200",
             400,
             404,

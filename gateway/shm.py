@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -432,11 +433,7 @@ class ShmHandlers:
         ttl_raw = payload.get("ttl_s")
         ttl = parse_ttl(None if ttl_raw is None else str(ttl_raw))
         expires_at = None if ttl is None else self._state.clock.time() + ttl
-        coherent = self._state.coherent
-
-        async def put(key: str, block: Block) -> dict[str, object]:
-            return await put_item(coherent, ctx, key, block)
-
+        put = functools.partial(put_item, self._state.coherent, ctx)
         results = await shm.commit(lease, keys, put, dtype=dtype, expires_at=expires_at)
         return json_response({"results": results})
 

@@ -113,6 +113,24 @@ async def test_batch_put_first_body_wins_and_applies_ttl(
         assert await resp.read() == b"old"
 
 
+async def test_batch_put_item_under_another_writers_lease_is_refused(
+    gateway: RunningGateway, http: aiohttp.ClientSession
+) -> None:
+    async with http.post(f"{gateway.url}/v1/leases", json={"key": "held"}) as resp:
+        assert resp.status == 201
+    frame = batch.encode([batch.BatchItem("held", b"x"), batch.BatchItem("free", b"y")])
+    headers = {"Content-Type": batch.MEDIA_TYPE}
+    async with http.post(f"{gateway.url}/v1/batch/put", data=frame, headers=headers) as resp:
+        result = await resp.json()
+    assert result["results"] == [
+        {"key": "held", "status": 409, "error": "lease_conflict"},
+        {"key": "free", "status": 201},
+    ]
+    assert (result["stored"], result["exists"]) == (1, 0)
+    async with http.get(gateway.block_url("held")) as resp:
+        assert resp.status == 404
+
+
 async def test_batch_item_over_the_block_limit_is_refused(
     gateway: RunningGateway, http: aiohttp.ClientSession
 ) -> None:
