@@ -334,3 +334,30 @@ async def test_evicting_the_durable_copy_keeps_the_block_above() -> None:
     assert tiers[2].stats().evictions == 1
     hit = await h.get("a")
     assert hit is not None and bytes(hit.block.data) == payload("a", BLOCK)
+
+
+async def test_blocks_bigger_than_the_memory_tiers_cycle_through_a_small_disk(
+    tmp_path: Path,
+) -> None:
+    """Each 2 MiB put into a 4 MiB disk evicts the last one and is stored, never refused."""
+    from tiers.disk import DiskTier
+
+    disk = await DiskTier.open(tmp_path / "disk", capacity_bytes=4 << 20)
+    h = Hierarchy(
+        [
+            ArenaTier("hbm", 1 << 20, page_bytes=PAGE),
+            ArenaTier("dram", 1 << 20, page_bytes=PAGE),
+            disk,
+        ]
+    )
+    await h.open()
+    try:
+        rng = random.Random(7)
+        for i in range(6):
+            data = rng.randbytes(2 << 20)
+            assert await h.put(f"t/k{i}", Block.of(data)) is StoreOutcome.STORED, i
+            hit = await h.get(f"t/k{i}")
+            assert hit is not None and bytes(hit.block.data) == data
+        assert h.locate("t/k5") == "disk"
+    finally:
+        await h.close()

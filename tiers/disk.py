@@ -15,9 +15,14 @@ pages; 128 MiB + 0.4% of large ones) that holds the B-tree, the free list and th
 cannot reuse yet (a page freed by transaction N is only reusable from N+2, and never while a
 reader still sees it; a group commit is capped at a quarter of the reserve for that reason).
 When a write still hits the map limit, the writer commits a couple of tiny "tick" transactions to
-release those pages and retries once; after that the put answers ``NO_ROOM`` and the hierarchy
-evicts. The last 32 pages of the budget are for removals only (a delete needs copy-on-write pages
-too, and making room must never be refused); the map grows into them for that one transaction.
+release those pages and retries once. A frame needs one contiguous run of pages and LMDB never
+moves a page, so a small map can be fragmented past use while the ledger rightly sees room
+(2 MiB frames in a 4 MiB map stop fitting after two evictions); while the live set is small
+(``compact_max_bytes``) the writer then rewrites the file packed (``mdb_env_copy`` with
+compaction, fsynced, swapped in by rename) and retries. After that the put answers ``NO_ROOM``
+and the hierarchy evicts. The last 32 pages of the budget are for removals only (a delete needs
+copy-on-write pages too, and making room must never be refused); the map grows into them for that
+one transaction.
 The map itself starts small and doubles up to the budget; ``set_mapsize`` runs on the writer
 thread while a gate holds off new readers (LMDB requires no open transaction in the process).
 
@@ -43,6 +48,7 @@ import contextlib
 import contextvars
 import math
 import os
+import shutil
 import threading
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -69,6 +75,8 @@ from tiers.observe import ATTR_BYTES, ATTR_TIER, child_span
 
 MIN_CAPACITY_BYTES: Final = 1 << 20
 DEFAULT_INITIAL_MAP_BYTES: Final = 8 << 20
+# Compacting copies every live page while puts wait: only worth it while that is cheap.
+DEFAULT_COMPACT_MAX_BYTES: Final = 64 << 20
 
 _DB_BLOCKS: Final = b"blocks"
 _DB_LONGKEYS: Final = b"longkeys"
@@ -76,6 +84,7 @@ _DB_META: Final = b"meta"
 _DB_INTERNAL: Final = b"internal"
 _TICK: Final = b"tick"
 _LONG_PREFIX: Final = b"\x00"
+_COMPACT_DIR: Final = "compact.tmp"
 _PAGE_HEADER: Final = 16  # LMDB PAGEHDRSZ
 _NODE_HEADER: Final = 8  # LMDB NODESIZE
 _PTR: Final = 2  # an indx_t slot in the page's pointer array
@@ -161,6 +170,7 @@ class DiskTier:
         initial_map_bytes: int = DEFAULT_INITIAL_MAP_BYTES,
         read_threads: int = 2,
         max_batch_ops: int = 64,
+        compact_max_bytes: int = DEFAULT_COMPACT_MAX_BYTES,
     ) -> None:
         if capacity_bytes < MIN_CAPACITY_BYTES:
             raise TierConfigError(
@@ -175,23 +185,16 @@ class DiskTier:
         self._byte_group = byte_group
         self._max_batch_ops = max_batch_ops
         self._map_cap = capacity_bytes  # the map, hence the file, never grows past this
+        self._sync = sync
+        self._spare_txns = read_threads + 1
+        self._compact_max_bytes = compact_max_bytes
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            self._env = lmdb.open(
-                str(self.path),
-                map_size=min(initial_map_bytes, capacity_bytes - _EMERGENCY_PAGES * 4096),
-                subdir=True,
-                max_dbs=4,
-                sync=sync,
-                metasync=False,
-                max_spare_txns=read_threads + 1,
-            )
+            # A compaction a crash interrupted: the live file was never touched.
+            shutil.rmtree(self.path / _COMPACT_DIR, ignore_errors=True)
+            self._open_env(min(initial_map_bytes, capacity_bytes - _EMERGENCY_PAGES * 4096))
             self._psize: int = self._env.stat()["psize"]
             self._max_key = int(self._env.max_key_size())
-            self._blocks = self._env.open_db(_DB_BLOCKS)
-            self._longkeys = self._env.open_db(_DB_LONGKEYS)
-            self._meta = self._env.open_db(_DB_META)
-            self._internal = self._env.open_db(_DB_INTERNAL)
         except (lmdb.Error, OSError) as exc:
             raise TierIOError(f"cannot open LMDB environment at {self.path}: {exc}") from exc
         # LMDB node limit for 2 keys per page: larger values go to overflow pages.
@@ -225,6 +228,7 @@ class DiskTier:
         self.evictions = 0
         self.corrupt_blocks = 0
         self.dropped_on_open = 0
+        self.compactions = 0
         try:
             self._rebuild_index()
         except BaseException:
@@ -599,21 +603,16 @@ class DiskTier:
 
     def _write_one(self, op: _Op) -> object:
         """One op in its own transaction, trying what can free room in the map first."""
+        removal = op.kind in ("delete", "pop")
+        remedies = (self._age_freed_pages, self._open_emergency_pages if removal else self._compact)
         try:
-            for attempt in range(3):
+            for remedy in (None, *remedies):
+                if remedy is not None and not remedy(op):
+                    continue
                 try:
                     return self._run_txn([op])[0]
                 except lmdb.MapFullError:
-                    if attempt == 0:
-                        # Pages freed by the last two commits are not reusable yet: two tiny
-                        # commits age them out (readers are short-lived, so none pins them).
-                        for _ in range(2):
-                            with contextlib.suppress(lmdb.MapFullError):
-                                self._tick()
-                    elif op.kind not in ("delete", "pop") or not self._grow_map(self._map_cap):
-                        break
-                    # else: removing needs a few copy-on-write pages too and must never be
-                    # refused (it is how room is made), so it may use the emergency pages.
+                    continue
                 except lmdb.Error as exc:
                     return TierIOError(f"LMDB write failed: {exc}")
         finally:
@@ -621,6 +620,68 @@ class DiskTier:
         if op.kind == "put":
             return _NO_ROOM
         return TierIOError("LMDB map is full")
+
+    def _age_freed_pages(self, op: _Op) -> bool:
+        # Pages freed by the last two commits are not reusable yet: two tiny commits age them
+        # out (readers are short-lived, so none pins them).
+        for _ in range(2):
+            with contextlib.suppress(lmdb.MapFullError):
+                self._tick()
+        return True
+
+    def _open_emergency_pages(self, op: _Op) -> bool:
+        # Removing needs a few copy-on-write pages too and must never be refused (it is how
+        # room is made), so it may use the emergency pages.
+        return self._grow_map(self._map_cap)
+
+    def _compact(self, op: _Op) -> bool:
+        """Rewrite the file with every live page packed at its start; False if not worth it.
+
+        A frame needs one contiguous run of overflow pages, and LMDB never moves pages: once
+        the file has reached its map, single pages copy-on-write takes from the lowest free
+        ones can leave every free run a few pages short of a large frame, though the ledger
+        (rightly) counts enough free bytes. An evicted neighbour may mend it, so this is
+        the last remedy, and only for a small live set (puts wait while it is copied).
+        """
+        live = self._live_pages()
+        need = math.ceil((_PAGE_HEADER + len(op.value)) / self._psize) + 2 * _EMERGENCY_PAGES
+        if live * self._psize > self._compact_max_bytes:
+            return False
+        if live + need > self._put_map_cap // self._psize:
+            return False
+        tmp = self.path / _COMPACT_DIR
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            # Readers go on meanwhile: the copy is a read snapshot, and only this thread writes.
+            try:
+                self._env.copy(str(tmp), compact=True)
+                _fsync(tmp / "data.mdb")
+            except (lmdb.Error, OSError):
+                return False  # the live file is untouched: the put is simply refused
+            with self._gate.exclusive():
+                map_size = int(self._env.info()["map_size"])
+                self._env.close()
+                try:
+                    os.replace(tmp / "data.mdb", self.path / "data.mdb")
+                    _fsync(self.path)
+                finally:
+                    self._open_env(map_size)  # the packed file, or the old one if not swapped
+        except (lmdb.Error, OSError) as exc:
+            raise TierIOError(f"LMDB compaction failed: {exc}") from exc
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.compactions += 1
+        return True
+
+    def _live_pages(self) -> int:
+        with self._env.begin() as txn:
+            stats = [
+                txn.stat(db) for db in (self._blocks, self._longkeys, self._meta, self._internal)
+            ]
+            stats.append(txn.stat())
+        # Two meta pages head every file.
+        return 2 + sum(s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"] for s in stats)
 
     def _run_txn(self, batch: list[_Op]) -> list[object]:
         results: list[object] = []
@@ -679,6 +740,21 @@ class DiskTier:
         with self._gate.exclusive():
             self._env.close()
 
+    def _open_env(self, map_size: int) -> None:
+        self._env = lmdb.open(
+            str(self.path),
+            map_size=map_size,
+            subdir=True,
+            max_dbs=4,
+            sync=self._sync,
+            metasync=False,
+            max_spare_txns=self._spare_txns,
+        )
+        self._blocks = self._env.open_db(_DB_BLOCKS)
+        self._longkeys = self._env.open_db(_DB_LONGKEYS)
+        self._meta = self._env.open_db(_DB_META)
+        self._internal = self._env.open_db(_DB_INTERNAL)
+
     # -- opening --------------------------------------------------------------------------
 
     def _key_of(self, lkey: bytes, names: dict[bytes, bytes]) -> str | None:
@@ -729,3 +805,12 @@ class DiskTier:
                     txn.delete(lkey, db=self._blocks)
                     txn.delete(lkey, db=self._longkeys)
             self.dropped_on_open = len(drop)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a directory's entries, to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
