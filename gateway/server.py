@@ -73,6 +73,12 @@ class JsonErrorHandler(RequestHandler):
     __slots__ = ()
 
     def data_received(self, data: bytes) -> None:
+        if (self._close or self._force_close) and self._body_in_flight():
+            self._finish_body(data)
+        else:
+            self._receive(data)
+
+    def _receive(self, data: bytes) -> None:
         messages = getattr(self, "_messages", None)
         if messages is None or _ErrInfo is None:
             super().data_received(data)
@@ -97,6 +103,26 @@ class JsonErrorHandler(RequestHandler):
             return
         if not body.is_eof():
             body.set_exception(exc)
+
+    def _body_in_flight(self) -> bool:
+        current = getattr(self, "_current_request", None)
+        return current is not None and self.transport is not None and not current.content.is_eof()
+
+    def _finish_body(self, data: bytes) -> None:
+        # Shutting down, aiohttp stops reading at once (``close()``, then ``shutdown()``), yet
+        # waits up to the shutdown timeout for the request in progress: one whose body was
+        # still arriving could never finish, and its client got no answer at all. Its body is
+        # read still; whatever comes after it (pipelined requests) is not served.
+        close, force_close = self._close, self._force_close
+        queued = len(self._messages)
+        self._close = self._force_close = False
+        try:
+            self._receive(data)
+        finally:
+            self._close = self._close or close
+            self._force_close = self._force_close or force_close
+        while len(self._messages) > queued:
+            self._messages.pop()
 
     def handle_error(
         self,
@@ -170,6 +196,17 @@ async def serve(
     """Serve until ``stop`` is set or SIGTERM/SIGINT arrives; cleanup always runs."""
     app = create_app(config, clock=clock, hierarchy_factory=hierarchy_factory)
     runner = make_runner(app, config)
+
+    async def announce_drain(_app: web.Application) -> None:
+        # on_shutdown runs once every connection has stopped taking new requests.
+        busy = 0 if runner.server is None else len(runner.server.connections)
+        log.info(
+            "draining %d open connection(s): up to %s s for the requests in flight",
+            busy,
+            f"{config.shutdown_timeout_s:g}",
+        )
+
+    app.on_shutdown.append(announce_drain)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []

@@ -35,6 +35,13 @@ class Server:
     url: str
     log: list[str] = field(default_factory=list)
     drain: asyncio.Task[None] | None = None
+    logged: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    async def until_logged(self, text: str) -> None:
+        async with self.logged:
+            await asyncio.wait_for(
+                self.logged.wait_for(lambda: any(text in line for line in self.log)), 60
+            )
 
     async def wait(self) -> int:
         code = await asyncio.wait_for(self.proc.wait(), 60)
@@ -80,6 +87,8 @@ async def start_server(data_dir: Path, *extra: str) -> Server:
         assert proc.stderr is not None
         async for raw_line in proc.stderr:
             log.append(raw_line.decode(errors="replace"))
+            async with server.logged:
+                server.logged.notify_all()
 
     server.drain = asyncio.create_task(drain())
     return server
@@ -175,5 +184,68 @@ async def test_sigkill_under_write_load_leaves_no_torn_block(tmp_path: Path, mod
         assert served > 0  # blocks demoted (or written through) to disk survive
         if mode == "--write-through":
             assert served >= len(acked)
+        server.proc.send_signal(signal.SIGTERM)
+        assert await server.wait() == 0
+
+
+def _half_sent(kind: str, body: bytes) -> tuple[bytes, bytes]:
+    """A request as (what is sent before SIGTERM, the rest), asking for a ``100 Continue``."""
+    if kind == "lease":
+        head = (
+            "POST /v1/leases HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\n"
+            "Content-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        return head + body[:5], body[5:]
+    if kind == "chunked":
+        head = (
+            b"PUT /v1/blocks/late HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        half = len(body) // 2
+        first = b"%x\r\n%s\r\n" % (half, body[:half])
+        rest = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body) - half, body[half:])
+        return head + first, rest
+    head = (
+        "PUT /v1/blocks/late HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body[: len(body) // 2], body[len(body) // 2 :]
+
+
+@pytest.mark.parametrize("kind", ["put-unlanded", "chunked", "lease"])
+async def test_a_body_still_arriving_at_sigterm_is_answered(tmp_path: Path, kind: str) -> None:
+    """aiohttp stops reading every connection at shutdown; the request in flight is finished."""
+    data_dir = tmp_path / "data"
+    extra: list[str] = []
+    if kind == "put-unlanded":
+        (tmp_path / "kvgate.toml").write_text("land_puts = false\n")
+        extra = ["--config", str(tmp_path / "kvgate.toml")]
+    body = b'{"key": "late", "ttl_ms": 30000}' if kind == "lease" else content("late", 4 << 20)
+    first, rest = _half_sent(kind, body)
+    async with serving(data_dir, *extra) as server:
+        host, port = server.url.removeprefix("http://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(first)
+        await writer.drain()
+        # The request is in progress once its handler is asked to read the body.
+        assert (await asyncio.wait_for(reader.readline(), 30)).startswith(b"HTTP/1.1 100")
+        assert await reader.readline() == b"\r\n"
+        server.proc.send_signal(signal.SIGTERM)
+        await server.until_logged("draining")
+        writer.write(rest)
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), 30)
+        writer.close()
+        expected = (b"201", b"503") if kind == "lease" else (b"201",)
+        assert status_line, "the request in flight got no answer"
+        assert status_line.split(b" ")[1] in expected, status_line
+        assert await server.wait() == 0, "".join(server.log)
+    if kind == "lease":
+        return
+    async with serving(data_dir) as server, aiohttp.ClientSession() as http:
+        async with http.get(f"{server.url}/v1/blocks/late") as resp:
+            assert resp.status == 200
+            assert await resp.read() == body
         server.proc.send_signal(signal.SIGTERM)
         assert await server.wait() == 0
