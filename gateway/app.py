@@ -14,6 +14,7 @@ Seams for later issues, so they plug in without touching handlers:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
@@ -113,6 +114,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return _from_http_exception(request, exc)
     except ConnectionError:
         raise  # the client went away; aiohttp closes the connection quietly
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            raise  # the handler itself is being cancelled
+        # What aiohttp fails a body stream with when the shutdown drain stops waiting for it.
+        return json_error(503, "unavailable", "the gateway shut down before the body was complete")
     except Exception as exc:
         mapped = http_error_for(exc)
         if mapped is not None:

@@ -217,6 +217,7 @@ class _Mode:
     PASS = 1  # a known number of body bytes for aiohttp
     LAND = 2  # a body into the current landing
     THROUGH = 3  # everything to aiohttp from here on
+    DISCARD = 4  # a body given up on: its bytes are dropped until the connection closes
 
 
 class LandingProtocol(asyncio.BufferedProtocol):
@@ -248,6 +249,18 @@ class LandingProtocol(asyncio.BufferedProtocol):
             if key == landing_id:
                 return landing
             landing.release()
+
+    def abort_body(self, exc: BaseException) -> bool:
+        """Give up on the body being landed (the drain's deadline has come): its handler's
+        read raises ``exc``, which it can still answer. What else arrives is dropped; the
+        buffer is never written again, so it can go back at once."""
+        landing = self._landing
+        if self._mode != _Mode.LAND or landing is None:
+            return False
+        self._landing = None
+        self._mode = _Mode.DISCARD
+        landing.abort(exc)
+        return True
 
     # -- asyncio.BufferedProtocol -----------------------------------------------------------
 
@@ -301,6 +314,8 @@ class LandingProtocol(asyncio.BufferedProtocol):
             mode = self._mode
             if mode == _Mode.THROUGH:
                 self._feed(data)
+                return
+            if mode == _Mode.DISCARD:
                 return
             if mode == _Mode.PASS:
                 take = min(len(data), self._pass_left)

@@ -14,8 +14,8 @@ from aiohttp.web_protocol import RequestHandler
 
 from gateway.app import HierarchyFactory, create_app
 from gateway.config import GatewayConfig, format_size
-from gateway.errors import error_code_for_status, json_error, parser_detail
-from gateway.landing import BodyBuffers, BufferPool, protocol_factory
+from gateway.errors import Unavailable, error_code_for_status, json_error, parser_detail
+from gateway.landing import BodyBuffers, BufferPool, LandingProtocol, protocol_factory
 from gateway.state import STATE
 from tiers.clock import SYSTEM_CLOCK, Clock
 
@@ -181,6 +181,18 @@ async def listen(
     )
 
 
+def abort_landed_bodies(protocols: list[LandingProtocol]) -> None:
+    """At the drain's deadline, a PUT whose body is still landing gets a 503.
+
+    aiohttp ends a request it stops waiting for by failing its body stream; a landed body is
+    not in that stream, so its handler would wait out a second timeout and the connection be
+    cut without an answer.
+    """
+    for protocol in protocols:
+        if protocol.abort_body(Unavailable("the gateway shut down before the body was complete")):
+            log.warning("a PUT body was still arriving at the shutdown deadline: answered 503")
+
+
 def urls_of(server: asyncio.Server) -> list[str]:
     return [_url(sock.getsockname()) for sock in server.sockets]
 
@@ -199,12 +211,20 @@ async def serve(
 
     async def announce_drain(_app: web.Application) -> None:
         # on_shutdown runs once every connection has stopped taking new requests.
-        busy = 0 if runner.server is None else len(runner.server.connections)
+        connections = [] if runner.server is None else runner.server.connections
         log.info(
             "draining %d open connection(s): up to %s s for the requests in flight",
-            busy,
+            len(connections),
             f"{config.shutdown_timeout_s:g}",
         )
+        landings = [
+            protocol
+            for conn in connections
+            if conn.transport is not None
+            and isinstance(protocol := conn.transport.get_protocol(), LandingProtocol)
+        ]
+        if landings:
+            loop.call_later(config.shutdown_timeout_s, abort_landed_bodies, landings)
 
     app.on_shutdown.append(announce_drain)
     stop = stop or asyncio.Event()

@@ -249,3 +249,31 @@ async def test_a_body_still_arriving_at_sigterm_is_answered(tmp_path: Path, kind
             assert await resp.read() == body
         server.proc.send_signal(signal.SIGTERM)
         assert await server.wait() == 0
+
+
+@pytest.mark.parametrize("landed", [True, False])
+async def test_a_body_unfinished_at_the_drain_deadline_gets_503(
+    tmp_path: Path, landed: bool
+) -> None:
+    """A PUT body that never completes is answered at the deadline. Without that, a landed one
+    (received past aiohttp's stream) waited out a second timeout and its connection was cut,
+    and an ordinary one was cut without an answer."""
+    body = content("slow", 8 << 20)
+    head = f"PUT /v1/blocks/slow HTTP/1.1\r\nHost: t\r\nContent-Length: {len(body)}\r\n\r\n"
+    (tmp_path / "kvgate.toml").write_text(f"land_puts = {str(landed).lower()}\n")
+    extra = ["--config", str(tmp_path / "kvgate.toml"), "--shutdown-timeout-s", "1"]
+    async with serving(tmp_path / "data", *extra) as server:
+        host, port = server.url.removeprefix("http://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(head.encode() + body[: 1 << 20])
+        await writer.drain()
+        # One more round trip on another connection: by then the server has read the head.
+        async with aiohttp.ClientSession() as http, http.get(f"{server.url}/healthz") as resp:
+            assert resp.status == 200
+        server.proc.send_signal(signal.SIGTERM)
+        status_line = await asyncio.wait_for(reader.readline(), 30)
+        writer.close()
+        assert status_line, "the request in flight got no answer"
+        assert status_line.split(b" ")[1] == b"503", status_line
+        assert await server.wait() == 0, "".join(server.log)
+        assert any("answered 503" in line for line in server.log) == landed

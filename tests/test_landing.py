@@ -17,7 +17,7 @@ from aiohttp import web
 
 from gateway import handlers
 from gateway import server as gateway_server
-from gateway.landing import LANDING_HEADER, BodyBuffers, BufferPool, Landing
+from gateway.landing import LANDING_HEADER, BodyBuffers, BufferPool, Landing, LandingProtocol
 from tests.conftest import RunningGateway, running_gateway
 from tiers.block import digest
 
@@ -284,3 +284,40 @@ async def test_an_overlong_head_is_handed_to_aiohttp_as_it_is(
     assert [status(r) for r in got] == [201, 200]
     assert got[1].endswith(b"abc")
     assert landed == []
+
+
+async def test_a_body_given_up_on_raises_for_its_handler_and_its_buffer_is_not_written_again() -> (
+    None
+):
+    fed: list[bytes] = []
+
+    class Inner(asyncio.Protocol):
+        def data_received(self, data: bytes) -> None:
+            fed.append(data)
+
+    pool = BufferPool(busy_bytes=1 << 20, idle_bytes=1 << 20)
+    protocol = LandingProtocol(Inner(), buffers=BodyBuffers(pool), max_body=1 << 20)
+
+    def arrive(data: bytes) -> None:
+        while data:
+            view = protocol.get_buffer(len(data))
+            n = min(len(view), len(data))
+            view[:n] = data[:n]
+            protocol.buffer_updated(n)
+            data = data[n:]
+
+    assert not protocol.abort_body(RuntimeError("nothing is landing"))
+    arrive(put_request("k", body("k", 4096))[:-1000])
+    head = fed[-1]
+    landing_id = head.split(LANDING_HEADER.encode() + b": ")[1].split(b"\r\n")[0].decode()
+    landing = protocol.take(landing_id)
+    assert landing is not None and landing.filled == 3096
+    landed = landing.view
+    assert protocol.abort_body(ConnectionAbortedError("deadline"))
+    with pytest.raises(ConnectionAbortedError):
+        await landing.read()
+    landing.release()
+    assert pool.busy_bytes == 0 and pool.idle_bytes == 0  # dropped, never reused
+    before = bytes(landed)
+    arrive(b"z" * 5000)  # the rest of that body, and more: dropped, not landed, not fed
+    assert bytes(landed) == before and len(fed) == 1
