@@ -152,6 +152,47 @@ async def test_budget_evicts_the_shared_least_recently_used(redis_url: str) -> N
         await other.close()
 
 
+async def test_local_hits_refresh_the_shared_order_in_batches(redis_url: str) -> None:
+    size = 8192
+    tier = await RemoteTier.connect(RemoteSettings(url=redis_url, capacity_bytes=3 * size + 600))
+    try:
+        for key in ("k/1", "k/2", "k/3"):
+            assert await tier.put(key, _block(size)) is PutOutcome.STORED
+        for key in ("k/2", "k/1", "gone/1", "k/2"):  # served from a gateway's own tiers
+            tier.note_access(key)
+        await tier.flush_accesses()
+        assert tier.touch_failures == 0
+        assert await tier.client.zrange(f"{tier.prefix}:lru", 0, -1) == [b"k/3", b"k/1", b"k/2"]
+        assert await tier.put("k/4", _block(size)) is PutOutcome.STORED
+        assert await tier.present(["k/1", "k/2", "k/3", "k/4"]) == [True, True, False, True]
+    finally:
+        await tier.close()
+
+
+async def test_a_block_hot_on_one_gateway_stays_in_the_shared_tier(
+    tmp_path: Path, redis_url: str, http: aiohttp.ClientSession
+) -> None:
+    size = 8192
+    async with AsyncExitStack() as stack:
+        a, b = [
+            await stack.enter_async_context(
+                running_gateway(tmp_path / n, remote=redis_url, remote_bytes=3 * size + 600)
+            )
+            for n in ("a", "b")
+        ]
+        for i in (1, 2, 3):
+            async with http.put(a.block_url(f"doc.{i}"), data=os.urandom(size)) as resp:
+                assert resp.status == 201
+        async with http.get(a.block_url("doc.1")) as resp:
+            assert resp.status == 200 and resp.headers["X-KV-Tier"] != "remote"
+        await a.hierarchy.quiesce()
+        async with http.put(b.block_url("doc.4"), data=os.urandom(size)) as resp:
+            assert resp.status == 201  # the shared tier evicts its least recently used
+        shared = b.hierarchy.shared
+        assert shared is not None
+        assert await shared.present(["default/doc.1", "default/doc.2"]) == [True, False]
+
+
 async def test_corrupt_value_is_a_miss_and_dropped(redis_url: str, client: aioredis.Redis) -> None:
     tier = await RemoteTier.connect(RemoteSettings(url=redis_url, capacity_bytes=1 << 24))
     try:

@@ -217,12 +217,15 @@ class Hierarchy:
             await self._shared.close()
 
     async def quiesce(self) -> None:
-        """Wait until background promotions and prefetches are done."""
+        """Wait until background promotions and prefetches are done, and the shared tier has
+        been told of the local hits."""
         # Only tasks not yet done: a finished one stays in the set until its done callback
         # runs, and since Python 3.12 gathering only finished tasks completes without yielding
         # to the loop, so that callback would never run and this would spin.
         while pending := [task for task in self._background if not task.done()]:
             await asyncio.gather(*pending, return_exceptions=True)
+        if self._shared is not None:
+            await self._shared.flush_accesses()
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -365,6 +368,8 @@ class Hierarchy:
             return None
         self.observer.block_read(tenant, tier.name)
         self._touch(access, idx)
+        if self._shared is not None:
+            self._shared.note_access(key)
         if idx > 0 and self._config.promote_on_hit:
             self._spawn(self._promote(key, block))
         return Hit(block, tier.name)
@@ -388,6 +393,8 @@ class Hierarchy:
         self.observer.tier_get(name, 0.0, True)
         self.observer.block_read(split_key(key)[0], name)
         self._touch(self._access(key), idx)
+        if self._shared is not None:
+            self._shared.note_access(key)
         if idx > 0 and self._config.promote_on_hit:
             views = pinned.views()
             if views is not None:

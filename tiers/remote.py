@@ -26,6 +26,7 @@ derived inside the scripts, so the tier needs one Redis instance (not Redis Clus
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import uuid
@@ -150,6 +151,16 @@ _TOUCH = """
 return redis.call('ZADD', KEYS[1], 'XX', redis.call('HINCRBY', KEYS[2], 'seq', 1), ARGV[1])
 """
 
+# KEYS: lru, meta; ARGV: members, oldest access first. Reads a gateway served from its own
+# tiers, refreshed in one call; XX leaves out a block the shared tier no longer holds.
+_TOUCH_MANY = """
+local base = redis.call('HINCRBY', KEYS[2], 'seq', #ARGV) - #ARGV
+for i, member in ipairs(ARGV) do redis.call('ZADD', KEYS[1], 'XX', base + i, member) end
+return #ARGV
+"""
+TOUCH_BATCH = 512
+"""Most local hits refreshed in one Redis call."""
+
 # KEYS: block, lru, meta, expiry hash; ARGV: member
 _DELETE = """
 local size = redis.call('STRLEN', KEYS[1])
@@ -223,6 +234,11 @@ class RemoteTier:
         self._exp = f"{prefix}:exp"
         self._put = client.register_script(_PUT)
         self._touch = client.register_script(_TOUCH)
+        self._touch_many = client.register_script(_TOUCH_MANY)
+        # Local hits not yet told to Redis, oldest first (a dict as an ordered set).
+        self._accessed: dict[str, None] = {}
+        self._toucher: asyncio.Task[None] | None = None
+        self.touch_failures = 0
         self._stage_prefix = f"{prefix}:stage:"
         self._delete = client.register_script(_DELETE)
         self._hits = 0
@@ -308,6 +324,35 @@ class RemoteTier:
             return None
         self._hits += 1
         return block
+
+    def note_access(self, key: str) -> None:
+        """A read this gateway served from its own tiers is an access of the shared block too.
+
+        Without it a block hot on one gateway looks cold in the shared order and leaves Redis
+        first, so every other gateway misses it. Batched: one call in flight at a time carries
+        every hit noted meanwhile, so under load the cost is a call per round trip, not per hit.
+        """
+        self._accessed.pop(key, None)
+        self._accessed[key] = None
+        if self._toucher is None or self._toucher.done():
+            self._toucher = asyncio.get_running_loop().create_task(self._tell_accesses())
+
+    async def flush_accesses(self) -> None:
+        """Wait until every access noted so far has reached Redis (or failed to)."""
+        while self._toucher is not None and not self._toucher.done():
+            await asyncio.shield(self._toucher)
+
+    async def _tell_accesses(self) -> None:
+        while self._accessed:
+            members = list(itertools.islice(self._accessed, TOUCH_BATCH))
+            for member in members:
+                del self._accessed[member]
+            try:
+                await self._touch_many(keys=[self._lru, self._meta], args=members)
+            except (RedisError, OSError) as exc:
+                # A recency hint: losing one only makes the order a little less exact.
+                self.touch_failures += 1
+                log.debug("remote tier failed refreshing %d accesses: %s", len(members), exc)
 
     async def put(self, key: str, block: Block, *, fence: Fence | None = None) -> PutOutcome:
         """Store unless present (first writer wins), evicting the shared LRU tail for room."""
@@ -405,6 +450,7 @@ class RemoteTier:
         )
 
     async def close(self) -> None:
+        await self.flush_accesses()
         await self._client.aclose()
 
     # -- internals ---------------------------------------------------------------------------
