@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import logging
 import math
 import os
 import shutil
@@ -72,6 +73,8 @@ from tiers.frame import (
 )
 from tiers.ledger import CapacityLedger
 from tiers.observe import ATTR_BYTES, ATTR_TIER, child_span
+
+log = logging.getLogger(__name__)
 
 MIN_CAPACITY_BYTES: Final = 1 << 20
 DEFAULT_INITIAL_MAP_BYTES: Final = 8 << 20
@@ -637,11 +640,12 @@ class DiskTier:
     def _compact(self, op: _Op) -> bool:
         """Rewrite the file with every live page packed at its start; False if not worth it.
 
-        A frame needs one contiguous run of overflow pages, and LMDB never moves pages: once
-        the file has reached its map, single pages copy-on-write takes from the lowest free
-        ones can leave every free run a few pages short of a large frame, though the ledger
-        (rightly) counts enough free bytes. An evicted neighbour may mend it, so this is
-        the last remedy, and only for a small live set (puts wait while it is copied).
+        A frame needs one contiguous run of overflow pages, and LMDB never moves pages. Once
+        the file has reached its map, every commit's copy-on-write takes single pages from the
+        lowest free ones, which can leave each free run a few pages short of a large frame
+        while the ledger (rightly) counts enough free bytes. An evicted neighbour may mend
+        that, so this is the last remedy, and only for a small live set: puts wait while it
+        is copied (readers do not).
         """
         live = self._live_pages()
         need = math.ceil((_PAGE_HEADER + len(op.value)) / self._psize) + 2 * _EMERGENCY_PAGES
@@ -672,6 +676,12 @@ class DiskTier:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         self.compactions += 1
+        log.info(
+            "disk tier at %s compacted: %d live pages packed to make room for a %d-byte frame",
+            self.path,
+            live,
+            len(op.value),
+        )
         return True
 
     def _live_pages(self) -> int:
