@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 
 from tests.conftest import subprocess_env
+from tiers import disk as disk_module
 from tiers.base import PutOutcome, Tier
 from tiers.block import Block
 from tiers.disk import DiskTier
-from tiers.errors import TierClosed, TierConfigError
+from tiers.errors import TierClosed, TierConfigError, TierIOError
 from tiers.ledger import CapacityLedger
 
 CAP = 2 << 20
@@ -471,3 +472,121 @@ def test_an_interrupted_compaction_is_cleared_on_open(tmp_path: Path) -> None:
         assert not (tmp_path / "disk" / "compact.tmp").exists()
     finally:
         asyncio.run(tier.close())
+
+
+async def test_a_full_tier_reopened_again_and_again_stays_within_its_budget(
+    tmp_path: Path,
+) -> None:
+    cap = 4 << 20
+    n = 0
+    for _ in range(5):
+        tier = DiskTier(tmp_path / "disk", capacity_bytes=cap)
+        try:
+            for _ in range(60):  # full, then churn: the file's high-water mark sits at the map
+                while (outcome := await tier.put(f"k{n}", rand_block(100_000, n))) is not (
+                    PutOutcome.STORED
+                ):
+                    assert outcome is PutOutcome.NO_ROOM
+                    assert await tier.evict(sorted(tier.keys(), key=lambda k: int(k[1:]))[0])
+                n += 1
+                assert tier.file_bytes() <= cap and tier.map_bytes() <= cap
+        finally:
+            await tier.close()
+
+
+def _fragmenting_puts(tier: DiskTier, count: int) -> list[tuple[str, Block]]:
+    return [(f"k{i}", rand_block(2 << 20, i)) for i in range(count)]
+
+
+async def _cycle(tier: DiskTier, key: str, block: Block) -> PutOutcome:
+    """Put ``block``, evicting what is there when the tier answers NO_ROOM."""
+    outcome = await tier.put(key, block)
+    if outcome is PutOutcome.NO_ROOM:
+        for old in list(tier.keys()):
+            await tier.evict(old)
+        outcome = await tier.put(key, block)
+    return outcome
+
+
+async def test_a_compaction_that_cannot_reopen_fails_one_put_and_the_tier_recovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tier = DiskTier(tmp_path / "disk", capacity_bytes=4 << 20)
+    try:
+        real_open = tier._open_env
+        refusals = [lmdb.Error("injected: too many open files")]
+
+        def open_env(map_size: int) -> None:
+            if refusals:
+                raise refusals.pop()
+            real_open(map_size)
+
+        monkeypatch.setattr(tier, "_open_env", open_env)
+        puts = _fragmenting_puts(tier, 6)
+        failed = None
+        for key, block in puts:
+            try:
+                await _cycle(tier, key, block)
+            except TierIOError as exc:
+                failed = (key, str(exc))
+                break
+        assert failed is not None and "too many open files" in failed[1]
+        assert tier.compactions == 0
+        assert await tier.get(failed[0]) is None  # a miss while the environment is gone
+        key, block = "after", rand_block(1 << 20, 99)
+        assert await _cycle(tier, key, block) is PutOutcome.STORED  # the writer reopened it
+        got = await tier.get(key)
+        assert got is not None and bytes(got.data) == bytes(block.data)
+        assert await tier.meta_incr(b"n") == 1 and tier.map_bytes() <= 4 << 20
+    finally:
+        await tier.close()
+
+
+async def test_a_failed_compaction_does_not_hide_the_commits_of_its_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tier = DiskTier(tmp_path / "disk", capacity_bytes=CAP)
+    try:
+        real_run = tier._run_txn
+
+        def run_txn(batch: list[Any]) -> list[object]:
+            if len(batch) > 1 or batch[0].key == "b":
+                raise lmdb.MapFullError("injected")
+            return real_run(batch)
+
+        def compact(op: Any) -> bool:
+            raise TierIOError("injected compaction failure")
+
+        monkeypatch.setattr(tier, "_run_txn", run_txn)
+        monkeypatch.setattr(tier, "_compact", compact)
+        loop = asyncio.get_running_loop()
+        ops = [
+            disk_module._Op("put", key.encode(), b"v" * 3000, key, False, loop.create_future())
+            for key in ("a", "b")
+        ]
+        results = await loop.run_in_executor(tier._writer, tier._write_batch, ops)
+        assert results[0] is True
+        assert isinstance(results[1], TierIOError) and "injected" in str(results[1])
+    finally:
+        await tier.close()
+
+
+async def test_a_compaction_whose_copy_fails_is_logged_and_the_put_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    tier = DiskTier(tmp_path / "disk", capacity_bytes=4 << 20)
+    try:
+        real_fsync = disk_module._fsync
+
+        def fsync(path: Path) -> None:
+            if "compact" in str(path):
+                raise OSError(28, "No space left on device")
+            real_fsync(path)
+
+        monkeypatch.setattr(disk_module, "_fsync", fsync)
+        outcomes = [await _cycle(tier, key, block) for key, block in _fragmenting_puts(tier, 4)]
+        assert PutOutcome.NO_ROOM in outcomes and tier.compactions == 0
+        assert "could not compact" in caplog.text and "No space left" in caplog.text
+        assert not (tmp_path / "disk" / "compact.tmp").exists()
+    finally:
+        await tier.close()

@@ -19,10 +19,12 @@ release those pages and retries once. A frame needs one contiguous run of pages 
 moves a page, so a small map can be fragmented past use while the ledger rightly sees room
 (2 MiB frames in a 4 MiB map stop fitting after two evictions); while the live set is small
 (``compact_max_bytes``) the writer then rewrites the file packed (``mdb_env_copy`` with
-compaction, fsynced, swapped in by rename) and retries. After that the put answers ``NO_ROOM``
-and the hierarchy evicts. The last 32 pages of the budget are for removals only (a delete needs
-copy-on-write pages too, and making room must never be refused); the map grows into them for that
-one transaction.
+compaction, fsynced, swapped in by rename; the copy needs that much free disk space for a
+moment) and retries. After that the put answers ``NO_ROOM`` and the hierarchy evicts. A
+compaction that cannot reopen the environment fails its put; the writer reopens it before the
+next batch, and reads are misses meanwhile. The last 32 pages of the budget are for removals
+only (a delete needs copy-on-write pages too, and making room must never be refused); the map
+grows into them for that one transaction.
 The map itself starts small and doubles up to the budget; ``set_mapsize`` runs on the writer
 thread while a gate holds off new readers (LMDB requires no open transaction in the process).
 
@@ -232,6 +234,9 @@ class DiskTier:
         self.corrupt_blocks = 0
         self.dropped_on_open = 0
         self.compactions = 0
+        # Why the environment is closed, when a compaction could not reopen it: the writer
+        # tries again before its next batch, and every read until then is a miss.
+        self._env_lost: BaseException | None = None
         try:
             self._rebuild_index()
         except BaseException:
@@ -301,7 +306,8 @@ class DiskTier:
         return (self.path / "data.mdb").stat().st_size
 
     def map_bytes(self) -> int:
-        return int(self._env.info()["map_size"])
+        with self._gate.shared():  # not while a compaction swaps the environment
+            return int(self._env.info()["map_size"])
 
     def stats(self) -> TierStats:
         return TierStats(
@@ -562,6 +568,7 @@ class DiskTier:
     # -- threads: readers -----------------------------------------------------------------
 
     def _read_block(self, lkey: bytes) -> Block | None:
+        self._check_env()
         try:
             with self._gate.shared(), self._env.begin(db=self._blocks, buffers=True) as txn:
                 frame = txn.get(lkey)
@@ -578,6 +585,7 @@ class DiskTier:
             raise TierIOError(f"LMDB read failed: {exc}") from exc
 
     def _read_meta(self, name: bytes) -> bytes | None:
+        self._check_env()
         try:
             with self._gate.shared(), self._env.begin(db=self._meta) as txn:
                 value = txn.get(name)
@@ -585,10 +593,16 @@ class DiskTier:
         except lmdb.Error as exc:
             raise TierIOError(f"LMDB read failed: {exc}") from exc
 
+    def _check_env(self) -> None:
+        if self._env_lost is not None:
+            raise TierIOError(f"LMDB environment lost in a compaction: {self._env_lost}")
+
     # -- threads: the writer --------------------------------------------------------------
 
     def _write_batch(self, batch: list[_Op]) -> list[object]:
         """One transaction for the whole batch; on a full map, grow it or go op by op."""
+        if self._env_lost is not None:
+            self._recover()
         try:
             while True:
                 try:
@@ -596,13 +610,30 @@ class DiskTier:
                     break
                 except lmdb.MapFullError:
                     if not self._grow_map(self._put_map_cap):
+                        # Each op answers for itself from here: an error in one (a failed
+                        # compaction) must not hide that others committed.
                         results = [self._write_one(op) for op in batch]
                         break
             if any(op.kind.startswith("meta") for op in batch):
+                if self._env_lost is not None:
+                    lost = TierIOError(f"LMDB environment lost before a flush: {self._env_lost}")
+                    return [
+                        lost if op.kind.startswith("meta") else r
+                        for op, r in zip(batch, results, strict=True)
+                    ]
                 self._env.sync(True)
             return results
         except lmdb.Error as exc:
             raise TierIOError(f"LMDB write failed: {exc}") from exc
+
+    def _recover(self) -> None:
+        with self._gate.exclusive():
+            try:
+                self._open_env(self._put_map_cap)
+            except lmdb.Error as exc:
+                raise TierIOError(f"LMDB environment cannot be reopened: {exc}") from exc
+        log.warning("disk tier at %s reopened after %s", self.path, self._env_lost)
+        self._env_lost = None
 
     def _write_one(self, op: _Op) -> object:
         """One op in its own transaction, trying what can free room in the map first."""
@@ -610,14 +641,16 @@ class DiskTier:
         remedies = (self._age_freed_pages, self._open_emergency_pages if removal else self._compact)
         try:
             for remedy in (None, *remedies):
-                if remedy is not None and not remedy(op):
-                    continue
                 try:
+                    if remedy is not None and not remedy(op):
+                        continue
                     return self._run_txn([op])[0]
                 except lmdb.MapFullError:
                     continue
                 except lmdb.Error as exc:
                     return TierIOError(f"LMDB write failed: {exc}")
+                except TierIOError as exc:
+                    return exc
         finally:
             self._shrink_map_to(self._put_map_cap)
         if op.kind == "put":
@@ -661,18 +694,27 @@ class DiskTier:
             try:
                 self._env.copy(str(tmp), compact=True)
                 _fsync(tmp / "data.mdb")
-            except (lmdb.Error, OSError):
-                return False  # the live file is untouched: the put is simply refused
+            except (lmdb.Error, OSError) as exc:
+                # The live file is untouched: the put is refused and the hierarchy evicts.
+                log.warning("disk tier at %s could not compact (a copy failed): %s", self.path, exc)
+                return False
             with self._gate.exclusive():
                 map_size = int(self._env.info()["map_size"])
                 self._env.close()
+                swapped: OSError | None = None
                 try:
                     os.replace(tmp / "data.mdb", self.path / "data.mdb")
                     _fsync(self.path)
-                finally:
+                except OSError as exc:
+                    swapped = exc
+                try:
                     self._open_env(map_size)  # the packed file, or the old one if not swapped
-        except (lmdb.Error, OSError) as exc:
-            raise TierIOError(f"LMDB compaction failed: {exc}") from exc
+                except lmdb.Error as exc:
+                    self._env_lost = exc
+                    raise TierIOError(f"LMDB environment lost in a compaction: {exc}") from exc
+            if swapped is not None:
+                log.warning("disk tier at %s could not compact: %s", self.path, swapped)
+                return False
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         self.compactions += 1
@@ -739,6 +781,8 @@ class DiskTier:
 
     def _shrink_map_to(self, cap: int) -> None:
         """Give back the emergency pages after a removal used them (never below used pages)."""
+        if self._env_lost is not None:
+            return
         info = self._env.info()
         if int(info["map_size"]) <= cap:
             return
@@ -781,7 +825,7 @@ class DiskTier:
         """Charge every stored block from its value length alone (no page of it is read)."""
         info = self._env.info()
         in_use = (int(info["last_pgno"]) + 1) * self._psize
-        if in_use + 64 * self._psize > self._put_map_cap:
+        if in_use > self._map_cap:
             # The file outgrew a budget that has since shrunk. LMDB cannot shrink a file in
             # place (``mdb_copy -c`` compacts offline): keep it, with room to delete the excess
             # below; the pages freed are reused, so it grows no further.
@@ -810,10 +854,13 @@ class DiskTier:
                 if head.expires_at is not None:
                     self._expiry[key] = head.expires_at
         if drop:
+            # A removal, so it may use the emergency pages (there are no readers yet).
+            self._env.set_mapsize(max(int(self._env.info()["map_size"]), self._map_cap))
             with self._env.begin(write=True) as txn:
                 for lkey in drop:
                     txn.delete(lkey, db=self._blocks)
                     txn.delete(lkey, db=self._longkeys)
+            self._shrink_map_to(self._put_map_cap)
             self.dropped_on_open = len(drop)
 
 
