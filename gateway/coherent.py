@@ -117,7 +117,8 @@ class Coherence:
             if not self.hierarchy.contains(key):
                 tenant = Tenant(ctx.tenant, "", ctx.quota_bytes)
                 used = self.hierarchy.tenant_bytes(ctx.tenant)
-                plan = plan_quota(tenant, used_bytes=used, incoming_bytes=block.meta.size)
+                incoming = self.hierarchy.charge_of(block.meta.size)
+                plan = plan_quota(tenant, used_bytes=used, incoming_bytes=incoming)
                 if plan.evict_bytes > 0:
                     # Only this tenant's own blocks go, coldest tier first.
                     freed = await self.hierarchy.shed(ctx.tenant, plan.evict_bytes)

@@ -22,7 +22,7 @@ from gateway.client import BlockExists, KVGateClient, Lease, LeaseHeld
 from gateway.config import MiB, TenantConfig
 from gateway.errors import KVGateConflict, KVGateNoRoom, KVGateNotFound
 from gateway.state import STATE
-from tests.conftest import RunningGateway, running_gateway
+from tests.conftest import SMALL_TIERS, RunningGateway, running_gateway
 
 KiB = 1024
 
@@ -452,3 +452,26 @@ async def test_a_tenant_writing_3x_its_quota_keeps_at_most_its_quota(tmp_path: P
             await alice.put("huge", os.urandom(quota + 1))
         assert never.value.error == "quota_exceeded"
         assert gw.hierarchy.tenant_bytes("alice") == quota
+
+
+async def test_empty_blocks_count_a_page_each_against_the_quota(tmp_path: Path) -> None:
+    """Counted by their length, a flood of empty blocks took a whole arena page each and, inside
+    any quota, pushed other tenants' blocks out of every tier."""
+    page = SMALL_TIERS.page_bytes
+    quota = 32 * page
+    tenants = (tenant("alice", ALICE, quota_bytes=quota), tenant("bob", BOB))
+    small = {"hbm_bytes": 1 * MiB, "dram_bytes": 2 * MiB, "disk_bytes": 4 * MiB}
+    async with (
+        running_gateway(tmp_path, tenants=tenants, shm=False, **small) as gw,
+        KVGateClient(gw.url, token=ALICE) as alice,
+        KVGateClient(gw.url, token=BOB) as bob,
+    ):
+        kept = os.urandom(256 * KiB)
+        assert await bob.put("kept", kept) is True
+        for start in range(0, 2048, 256):
+            stored = await alice.put_many({f"zz{i}": b"" for i in range(start, start + 256)})
+            assert {status for _, status in stored} == {201}
+            assert gw.hierarchy.tenant_bytes("alice") <= quota
+        assert gw.hierarchy.tenant_bytes("alice") == quota  # 32 blocks: her newest
+        assert await bob.get("kept") == kept
+        assert await alice.get("zz2047") == b""

@@ -104,6 +104,7 @@ async def build_hierarchy(
             spill_on_close=settings.spill_on_close,
             spill_behind=settings.spill_behind,
             shed_when_disk_behind=settings.shed_when_disk_behind,
+            min_charge_bytes=settings.page_bytes,
         ),
         clock=clock,
         is_pinned=is_pinned,

@@ -94,6 +94,10 @@ class HierarchyConfig:
     every demotion completes before the store that caused it)."""
     shed_when_disk_behind: bool = False
     """With ``spill_behind`` slots all busy: drop the victim (True) or wait for a slot."""
+    min_charge_bytes: int = 0
+    """The least a block counts against its tenant's bytes (:meth:`Hierarchy.charge_of`). The
+    gateway sets one arena page, what a memory tier gives even an empty block: counted by
+    their length, a flood of tiny blocks would fill every tier inside any quota."""
 
 
 # Chain positions remembered (key -> depth, parent), and looked-up hits whose next read is not
@@ -682,8 +686,12 @@ class Hierarchy:
                     policy.on_remove(victim)  # a stale policy entry: forget it and go on
                     continue
                 await self._delete_quietly(victim)
-                freed += loc.size
+                freed += self.charge_of(loc.size)
         return freed
+
+    def charge_of(self, size: int) -> int:
+        """What a block of ``size`` bytes counts against its tenant (:meth:`tenant_bytes`)."""
+        return max(size, self._config.min_charge_bytes)
 
     def size_of(self, key: str) -> int | None:
         """The block's size in bytes if it is present (an index look-up, no I/O)."""
@@ -762,6 +770,7 @@ class Hierarchy:
         return {t.name: n for t, n in zip(self._tiers, self._shed, strict=True)}
 
     def tenant_bytes(self, tenant: str) -> int:
+        """Bytes ``tenant`` holds over all tiers, each block counted as :meth:`charge_of`."""
         return self._tenant_bytes.get(tenant, 0)
 
     def tenant_usage(self) -> dict[str, int]:
@@ -794,13 +803,15 @@ class Hierarchy:
 
     def _account(self, key: str, size: int) -> None:
         tenant = split_key(key)[0]
-        self._tenant_bytes[tenant] = self._tenant_bytes.get(tenant, 0) + size
+        self._tenant_bytes[tenant] = self._tenant_bytes.get(tenant, 0) + self.charge_of(size)
 
     def _forget(self, key: str) -> None:
         loc = self._index.pop(key, None)
         if loc is not None:
             tenant = split_key(key)[0]
-            self._tenant_bytes[tenant] = self._tenant_bytes.get(tenant, 0) - loc.size
+            self._tenant_bytes[tenant] = self._tenant_bytes.get(tenant, 0) - self.charge_of(
+                loc.size
+            )
 
     async def _unstage(self, i: int, key: str) -> None:
         """Take back a block stored in tier ``i`` but never indexed (so never visible)."""
