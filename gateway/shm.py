@@ -33,7 +33,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.errors import BadJSON, NotFound, PayloadTooLarge, Unavailable
+from gateway.errors import BadJSON, Conflict, NotFound, PayloadTooLarge, Unavailable
 from gateway.handlers import (
     check_key,
     json_response,
@@ -76,6 +76,9 @@ class _Lease:
     pins: list[PinnedBlock] = field(default_factory=list)
     staged: list[list[Run]] = field(default_factory=list)
     reserved: list[tuple[int, list[Run]]] = field(default_factory=list)  # (size, runs), PUTs
+    # A commit is reading the reserved regions: neither its deadline nor a release or detach
+    # may free them (or close the segment) under it; the commit ends the lease itself.
+    committing: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,9 +149,10 @@ class ShmExchange:
 
     def detach(self, session: _Session) -> None:
         for lease_id in list(session.leases):
-            self._end(lease_id)
+            if not self._leases[lease_id].committing:
+                self._end(lease_id)
         self._sessions.pop(session.id, None)
-        session.staging.close()
+        session.staging.close()  # a commit still reading keeps the mapping alive
 
     def segments_for(self, session: _Session) -> list[SegmentInfo]:
         return [*self.arena_segments, session.staging.info(writable=True)]
@@ -228,6 +232,9 @@ class ShmExchange:
         leases, fencing and quotas hold as for any PUT); one result per key."""
         if len(keys) != len(lease.reserved):
             raise BadJSON(f"{len(lease.reserved)} regions were reserved, {len(keys)} keys sent")
+        if lease.committing:
+            raise Conflict("this shared-memory lease is being committed already")
+        lease.committing = True
         buf = memoryview(lease.session.staging.buffer)
         results: list[dict[str, object]] = []
         try:
@@ -254,7 +261,7 @@ class ShmExchange:
         released = 0
         for lease_id in lease_ids:
             lease = self._leases.get(lease_id) if isinstance(lease_id, str) else None
-            if lease is not None and lease.session is session:
+            if lease is not None and lease.session is session and not lease.committing:
                 self._end(lease.id)
                 released += 1
         return released
@@ -262,7 +269,11 @@ class ShmExchange:
     def sweep(self) -> int:
         """End expired leases (their pages become reusable) and close idle sessions."""
         now = self._clock.monotonic()
-        expired = [lid for lid, lease in self._leases.items() if now >= lease.deadline]
+        expired = [
+            lid
+            for lid, lease in self._leases.items()
+            if now >= lease.deadline and not lease.committing
+        ]
         for lease_id in expired:
             self._end(lease_id)
         for session in list(self._sessions.values()):

@@ -581,3 +581,47 @@ def test_segments_of_dead_gateways_are_swept(tmp_path: Path) -> None:
         assert live.path.exists()
     finally:
         live.close()
+
+
+async def test_a_lease_that_expires_while_its_commit_runs_is_not_freed_under_it(
+    tmp_path: Path,
+) -> None:
+    """The deadline, a release or a detach during a commit used to free the regions being read
+    (another reserve could reuse them) and end the commit in a 500."""
+    from gateway.shm import ShmExchange, ShmSettings
+    from tiers.clock import FakeClock
+
+    clock = FakeClock()
+    settings = ShmSettings(
+        directory=tmp_path, staging_bytes=MiB, lease_ms=100, max_block_bytes=MiB, max_keys=64
+    )
+    exchange = ShmExchange(settings, clock=clock)
+    try:
+        session = exchange.attach("default")
+        lease = exchange.reserve(session, [70_000] * 4, ttl_ms=100)
+        staging = memoryview(session.staging.buffer)  # what the client writes into
+        for i, (_, runs) in enumerate(lease.reserved):
+            for a, b in runs:
+                staging[a:b] = bytes([i + 1]) * (b - a)
+        staging.release()
+        stored: dict[str, bytes] = {}
+
+        async def put(key: str, block: Block) -> dict[str, object]:
+            if not stored:  # mid-commit: the deadline passes, the client releases, reserves
+                clock.advance(1.0)
+                assert exchange.sweep() == 0
+                assert exchange.release(session, [lease.id]) == 0
+                other = exchange.reserve(session, [70_000] * 4, ttl_ms=100)
+                exchange.release(session, [other.id])
+            stored[key] = bytes(block.data)
+            await asyncio.sleep(0)
+            return {"key": key, "status": 201}
+
+        results = await exchange.commit(
+            lease, ["a", "b", "c", "d"], put, dtype=None, expires_at=None
+        )
+        assert [r["status"] for r in results] == [201] * 4
+        assert stored == {k: bytes([i + 1]) * 70_000 for i, k in enumerate("abcd")}
+        assert not exchange._leases  # the commit ended its lease
+    finally:
+        exchange.close()
