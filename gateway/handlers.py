@@ -36,6 +36,7 @@ from gateway.errors import (
     NotFound,
     PayloadTooLarge,
     UnsupportedMediaType,
+    http_error_for,
     json_error,
     unreadable_detail,
 )
@@ -288,11 +289,11 @@ class Handlers:
     # ------------------------------------------------------------------ blocks
 
     async def get_block(self, request: web.Request) -> web.StreamResponse:
+        state = self._state
+        ctx = await state.resolve(request)  # who asks comes first: 401 before 400
         key = request.match_info["key"]
         if KEY_RE.fullmatch(key) is None:
             check_key(key)
-        state = self._state
-        ctx = await state.resolve(request)
         if request.query_string:
             # Waiting for a writer's commit, or pinning what is read: the coherence layer.
             wait_ms = parse_wait_ms(request)
@@ -345,9 +346,9 @@ class Handlers:
                 landing.release()
 
     async def _put_block(self, request: web.Request, landing: Landing | None) -> web.Response:
-        key = check_key(request.match_info["key"])
         state = self._state
         ctx = await state.resolve(request)
+        key = check_key(request.match_info["key"])
         limit = self._config.max_block_bytes
         length = request.content_length if landing is None else landing.length
         if length is not None and length > limit:
@@ -385,14 +386,23 @@ class Handlers:
         raise InsufficientStorage("no room: every tier is full and nothing can be evicted")
 
     async def delete_block(self, request: web.Request) -> web.Response:
-        key = check_key(request.match_info["key"])
         ctx = await self._state.resolve(request)
+        key = check_key(request.match_info["key"])
         if not await self._state.coherent.delete(ctx.scope(key)):
             raise NotFound(f"no block {key!r}")
         return web.Response(status=204)
 
     async def expect_put(self, request: web.Request) -> web.StreamResponse | None:
         """``Expect: 100-continue``: refuse an oversized or badly keyed PUT before its body."""
+        try:
+            await self._state.resolve(request)
+        except Exception as exc:
+            refused = http_error_for(exc)
+            if refused is None:
+                raise
+            return json_error(
+                refused.status, refused.error, refused.detail, headers=refused.headers
+            )
         expect = request.headers.get("Expect", "")
         if expect.lower() != "100-continue":
             return json_error(417, "expectation_failed", f"unknown Expect: {expect[:40]!r}")

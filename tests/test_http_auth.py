@@ -44,6 +44,14 @@ async def test_v1_calls_need_a_known_bearer_token(tmp_path: Path) -> None:
                 assert resp.status == status
             async with http.patch(gw.block_url("k"), headers=headers) as resp:
                 assert resp.status == status
+            # Who asks comes before what is asked: a bad key is not checked for strangers.
+            bad = f"{gw.url}/v1/blocks/bad%2Fkey"
+            for method in ("GET", "HEAD", "PUT", "DELETE"):
+                async with http.request(method, bad, data=b"x", headers=headers) as resp:
+                    assert resp.status == status, method
+            expect = {**headers, "Expect": "100-continue"}
+            async with http.put(bad, data=b"x", headers=expect, expect100=True) as resp:
+                assert resp.status == status
         for path in ("/healthz", "/readyz", "/openapi.json", "/metrics"):
             async with http.get(f"{gw.url}{path}") as resp:
                 assert resp.status == 200
