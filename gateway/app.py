@@ -36,7 +36,7 @@ from gateway.errors import (
     http_error_for,
     json_error,
 )
-from gateway.handlers import Handlers
+from gateway.handlers import Handlers, refusal_of
 from gateway.state import STATE, GatewayState
 from gateway.telemetry import Telemetry
 from gateway.telemetry import install as install_telemetry
@@ -102,15 +102,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status in (404, 405) and request.path.startswith("/v1/"):
             # Authenticate before saying which routes exist: a caller without a token learns
             # nothing about the API from probing it.
-            try:
-                await request.app[STATE].resolve(request)
-            except Exception as refused:
-                denied = http_error_for(refused)
-                if denied is None:
-                    raise
-                return json_error(
-                    denied.status, denied.error, denied.detail, headers=denied.headers
-                )
+            refused = await refusal_of(request.app[STATE], request)
+            if refused is not None:
+                return refused
         return _from_http_exception(request, exc)
     except ConnectionError:
         raise  # the client went away; aiohttp closes the connection quietly

@@ -278,6 +278,19 @@ def lease_id_of(request: web.Request) -> str:
     return lease_id
 
 
+async def refusal_of(state: GatewayState, request: web.Request) -> web.Response | None:
+    """The 401/403 answer for a caller the tenants do not admit, ``None`` for one they do:
+    for answers given before (or instead of) a handler, which must not tell strangers more."""
+    try:
+        await state.resolve(request)
+    except Exception as exc:
+        refused = http_error_for(exc)
+        if refused is None:
+            raise
+        return json_error(refused.status, refused.error, refused.detail, headers=refused.headers)
+    return None
+
+
 class Handlers:
     """The v1 handlers, bound to the app's state (so the hot path skips app-dict lookups)."""
 
@@ -394,15 +407,9 @@ class Handlers:
 
     async def expect_put(self, request: web.Request) -> web.StreamResponse | None:
         """``Expect: 100-continue``: refuse an oversized or badly keyed PUT before its body."""
-        try:
-            await self._state.resolve(request)
-        except Exception as exc:
-            refused = http_error_for(exc)
-            if refused is None:
-                raise
-            return json_error(
-                refused.status, refused.error, refused.detail, headers=refused.headers
-            )
+        refused = await refusal_of(self._state, request)
+        if refused is not None:
+            return refused
         expect = request.headers.get("Expect", "")
         if expect.lower() != "100-continue":
             return json_error(417, "expectation_failed", f"unknown Expect: {expect[:40]!r}")
