@@ -112,7 +112,7 @@ def build_spec(*, version: str = "0.1.0") -> dict[str, Any]:
                 "responses": {
                     "201": {"description": "stored", "headers": {"ETag": _BLOCK_HEADERS["ETag"]}},
                     "200": {"description": "already present; the body was not stored again"},
-                    **_errors(400, 401, 403, 409, 413, 415, 507),
+                    **_errors(400, 401, 403, 409, 413, 415, 503, 507),
                 },
             },
             "get": block_get,
