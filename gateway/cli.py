@@ -20,6 +20,7 @@ EXIT_USAGE = 2
 # flag dest -> config field; every flag defaults to None so an unset flag overrides nothing.
 _FLAG_FIELDS = (
     "shm",
+    "shm_isolation",
     "host",
     "port",
     "data_dir",
@@ -77,6 +78,13 @@ def _parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="same-host shared-memory data plane (on by default)",
+    )
+    serve.add_argument(
+        "--shm-isolation",
+        choices=("auto", "shared", "private"),
+        default=None,
+        help="shared: sessions map the arenas (one trust domain); private: each gets only its "
+        "own segment, by descriptor; auto (default): private when tenants are configured",
     )
     serve.add_argument("--disk-compression-level", metavar="N", help="zstd level (1)")
     serve.add_argument("--shutdown-timeout-s", metavar="S", help="graceful shutdown budget")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
@@ -472,9 +473,17 @@ class KVGateClient:
         self._shm_tried = True
         try:
             payload = await self._post_json("/v1/shm/attach", {}, expect=201)
-            self._shm = ShmSession.from_attach(payload)
-        except (KVGateError, ShmUnavailable) as exc:
+        except KVGateError as exc:
             self.shm_fallback_reason = str(exc) or type(exc).__name__
+            return None
+        try:
+            if ShmSession.blocks_to_attach(payload):
+                self._shm = await asyncio.to_thread(ShmSession.from_attach, payload)
+            else:
+                self._shm = ShmSession.from_attach(payload)
+        except ShmUnavailable as exc:
+            self.shm_fallback_reason = str(exc) or type(exc).__name__
+            await self._post_detach(payload.get("session"))  # free the gateway's side now
         return self._shm
 
     async def _shm_detach(self) -> None:
@@ -482,10 +491,13 @@ class KVGateClient:
         if shm is None:
             return
         shm.close()
+        await self._post_detach(shm.id)
+
+    async def _post_detach(self, session_id: object) -> None:
         if self._session is not None and not self._session.closed:
             with contextlib.suppress(KVGateError, aiohttp.ClientError, OSError):
                 async with self._session.post(
-                    self._url("/v1/shm/detach"), json={"session": shm.id}, headers=self._auth
+                    self._url("/v1/shm/detach"), json={"session": session_id}, headers=self._auth
                 ) as resp:
                     await resp.read()
 

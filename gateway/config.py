@@ -130,6 +130,11 @@ class GatewayConfig:
     shm_dir: str = "/dev/shm"
     shm_staging_bytes: int = 64 * MiB
     """Per attached client: the segment it writes PUTs into and reads non-arena blocks from."""
+    shm_isolation: str = "auto"
+    """``shared``: sessions map the arenas, which hold every tenant's pages (one trust domain,
+    the fastest read). ``private``: each session gets only a nameless staging segment, handed
+    over as a descriptor, and reads are copied into it. ``auto``: private when tenants are
+    configured, shared otherwise."""
     shm_lease_ms: int = 5_000
     """How long a shared-memory read stays pinned unless released first (the longest allowed is
     six times this)."""
@@ -142,6 +147,13 @@ class GatewayConfig:
     @property
     def auth_enabled(self) -> bool:
         return bool(self.tenants)
+
+    @property
+    def shm_private(self) -> bool:
+        """Whether shared-memory sessions are private (see ``shm_isolation``)."""
+        if self.shm_isolation == "auto":
+            return self.auth_enabled
+        return self.shm_isolation == "private"
 
 
 _SIZE_FIELDS = frozenset(
@@ -161,7 +173,16 @@ _INT_FIELDS = frozenset({"port", "max_batch_keys", "disk_compression_level", "sh
 _FLOAT_FIELDS = frozenset({"shutdown_timeout_s"})
 _BOOL_FIELDS = frozenset({"write_through", "shm", "disk_shed", "land_puts"})
 _STR_FIELDS = frozenset(
-    {"host", "hbm_policy", "dram_policy", "disk_policy", "log_level", "shm_dir", "remote_prefix"}
+    {
+        "host",
+        "hbm_policy",
+        "dram_policy",
+        "disk_policy",
+        "log_level",
+        "shm_dir",
+        "shm_isolation",
+        "remote_prefix",
+    }
 )
 SETTABLE_FIELDS: tuple[str, ...] = tuple(
     f.name for f in dataclasses.fields(GatewayConfig) if f.name != "tenants"
@@ -298,6 +319,9 @@ def build_config(
     return config
 
 
+SHM_ISOLATION = ("auto", "shared", "private")
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -323,6 +347,11 @@ def validate(config: GatewayConfig) -> None:
         raise ConfigError("max_batch_bytes: must be at least max_block_bytes")
     if config.max_batch_keys < 1:
         raise ConfigError("max_batch_keys: must be at least 1")
+    if config.shm_isolation not in SHM_ISOLATION:
+        raise ConfigError(
+            f"shm_isolation: expected one of {', '.join(SHM_ISOLATION)}, "
+            f"got {config.shm_isolation!r}"
+        )
     if not 1 <= config.shm_lease_ms <= 600_000:
         raise ConfigError("shm_lease_ms: expected 1..600000 milliseconds")
     if config.shm_staging_bytes < config.page_bytes:

@@ -11,11 +11,15 @@ the item says ``307`` and the client reads that one over HTTP. A PUT reserves st
 (``POST /v1/shm/reserve``), the client writes its bytes there, and ``POST /v1/shm/commit``
 stores them (one copy into the tiers).
 
-Security: segments are files created 0600 under the gateway's uid, so only processes of that uid
-can map them; with tenants configured, keys are scoped to the caller's tenant and sessions and
-leases belong to the tenant that made them, so a client is only ever given descriptors for its
-own tenant's blocks. (The arena segments hold every tenant's pages; processes sharing the
-gateway's uid are trusted, as they could read its memory anyway.)
+Isolation (``shm_isolation``): *shared* sessions map the CPU arenas themselves (and an HBM
+arena by CUDA IPC handle), which hold every tenant's pages -- one trust domain, the fastest
+read. *Private* sessions (the default once tenants are configured) never see an arena: every
+read is copied into the session's own staging segment, a sealed memfd that has no name and
+reaches the client only as a descriptor over a Unix socket (gateway.fdpass), redeemed with a
+single-use ticket from the authenticated attach. Segments are created under the gateway's uid;
+a tenant whose client runs under its own uid can then reach nothing but its own staging bytes.
+Keys are scoped to the caller's tenant and sessions and leases belong to the tenant that made
+them either way, so a client is only ever given descriptors for its own tenant's blocks.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.errors import BadJSON, Conflict, NotFound, PayloadTooLarge, Unavailable
+from gateway.fdpass import FdHandoff
 from gateway.handlers import (
     check_key,
     json_response,
@@ -55,6 +60,8 @@ log = logging.getLogger("kvgate.shm")
 
 STAGING_PAGE_BYTES = 64 * 1024
 MAX_SESSIONS = 256
+MAX_TENANT_SESSIONS = 64
+"""With tenants configured, one tenant's share of :data:`MAX_SESSIONS`: it cannot take them all."""
 SESSION_IDLE_S = 600.0
 
 
@@ -88,14 +95,22 @@ class ShmSettings:
     lease_ms: int
     max_block_bytes: int
     max_keys: int
+    private: bool = False
+    """Sessions get no arena segments and a nameless staging segment (see the module doc)."""
+    max_tenant_sessions: int = MAX_SESSIONS
 
 
 class ShmExchange:
     """Sessions, read/write leases and staging space; the HTTP handlers below are thin."""
 
-    def __init__(self, settings: ShmSettings, *, clock: Clock) -> None:
+    def __init__(
+        self, settings: ShmSettings, *, clock: Clock, handoff: FdHandoff | None = None
+    ) -> None:
+        if settings.private and handoff is None:
+            raise ValueError("private sessions need an FdHandoff to hand their segments over")
         self._settings = settings
         self._clock = clock
+        self._handoff = handoff
         self._sessions: dict[str, _Session] = {}
         self._leases: dict[str, _Lease] = {}
         self.arena_segments: list[SegmentInfo] = []
@@ -122,10 +137,17 @@ class ShmExchange:
         self.sweep()
         if len(self._sessions) >= MAX_SESSIONS:
             raise Unavailable(f"too many shared-memory sessions (at most {MAX_SESSIONS})")
-        try:
-            staging = ShmSegment.create(
-                "staging", self._settings.staging_bytes, directory=self._settings.directory
+        cap = self._settings.max_tenant_sessions
+        if sum(1 for s in self._sessions.values() if s.tenant == tenant) >= cap:
+            raise Unavailable(
+                f"this tenant has {cap} shared-memory sessions open, its most; detach some"
             )
+        size = self._settings.staging_bytes
+        try:
+            if self._settings.private:
+                staging = ShmSegment.create_private("staging", size)
+            else:
+                staging = ShmSegment.create("staging", size, directory=self._settings.directory)
         except (OSError, ValueError) as exc:
             raise Unavailable(f"no shared memory for a staging segment: {exc}") from None
         npages = staging.size // STAGING_PAGE_BYTES
@@ -155,7 +177,21 @@ class ShmExchange:
         session.staging.close()  # a commit still reading keeps the mapping alive
 
     def segments_for(self, session: _Session) -> list[SegmentInfo]:
-        return [*self.arena_segments, session.staging.info(writable=True)]
+        """What an attach answers: in private mode a ticket for the staging descriptor only."""
+        if self._handoff is None or not self._settings.private:
+            return [*self.arena_segments, session.staging.info(writable=True)]
+        staging = session.staging
+        ticket = self._handoff.issue(lambda: staging.fd)  # -1 once the session is gone
+        return [
+            SegmentInfo(
+                staging.name,
+                str(self._handoff.path),
+                staging.size,
+                writable=True,
+                kind="fd",
+                ticket=ticket,
+            )
+        ]
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -185,23 +221,31 @@ class ShmExchange:
                 "size": meta.size,
                 "etag": meta.etag,
             }
-            place = block.placement()
+            place = None if self._settings.private else block.placement()
             if place is not None:
                 lease.pins.append(block)
                 item["segment"] = place.segment
                 item["runs"] = [list(run) for run in place.runs]
             else:
-                # Not in a mapped arena: copy into the client's staging segment, if there is room.
-                views = block.views()
-                runs = session.alloc.allocate(meta.size) if views is not None else None
-                if views is None or runs is None:
-                    item["status"] = 307  # read this one over HTTP
-                else:
-                    _scatter(staging.buffer, runs, views)
-                    lease.staged.append(runs)
-                    item["segment"] = staging.name
-                    item["runs"] = [[a, b - a] for a, b in runs]
-                block.release()
+                # Not in a mapped arena (or private): copy into the session's staging segment,
+                # if there is room; HBM on a GPU is copied to the host first.
+                runs = session.alloc.allocate(meta.size)
+                try:
+                    if runs is not None:
+                        views = block.views()
+                        if views is None:
+                            views = [memoryview(await block.read())]
+                        _scatter(staging.buffer, runs, views)
+                        lease.staged.append(runs)
+                        item["segment"] = staging.name
+                        item["runs"] = [[a, b - a] for a, b in runs]
+                        runs = None
+                    else:
+                        item["status"] = 307  # no room in staging: read this one over HTTP
+                finally:
+                    if runs is not None:  # the copy failed: the region is not the lease's
+                        session.alloc.free(runs)
+                    block.release()
             items.append(item)
         return lease, items
 
@@ -453,6 +497,8 @@ def install(app: web.Application) -> None:
     """Add the /v1/shm/* routes and the exchange's lifetime to the gateway app."""
     state = app[STATE]
     config = state.config
+    private = config.shm_private
+    handoff = FdHandoff(Path(config.shm_dir), clock=state.clock) if private else None
     exchange = ShmExchange(
         ShmSettings(
             directory=Path(config.shm_dir),
@@ -460,8 +506,11 @@ def install(app: web.Application) -> None:
             lease_ms=config.shm_lease_ms,
             max_block_bytes=config.max_block_bytes,
             max_keys=config.max_batch_keys,
+            private=private,
+            max_tenant_sessions=MAX_TENANT_SESSIONS if config.auth_enabled else MAX_SESSIONS,
         ),
         clock=state.clock,
+        handoff=handoff,
     )
     app[SHM] = exchange
     h = ShmHandlers(state, exchange)
@@ -472,6 +521,13 @@ def install(app: web.Application) -> None:
             log.info("removed %d shared-memory segments left by dead gateways", removed)
         if state.hierarchy is not None:
             exchange.publish(state.hierarchy)
+        if handoff is not None:
+            await handoff.start()
+        elif config.auth_enabled:
+            log.warning(
+                "shm_isolation = shared with tenants configured: every shared-memory client "
+                "maps the arenas, which hold all tenants' blocks"
+            )
         sweeper = asyncio.get_running_loop().create_task(_sweep_forever(exchange, config))
         try:
             yield
@@ -479,6 +535,8 @@ def install(app: web.Application) -> None:
             sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
+            if handoff is not None:
+                await handoff.close()
             exchange.close()
 
     # After the tiers' cleanup_ctx: the arenas exist when it starts, and it ends first.

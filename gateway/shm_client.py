@@ -6,13 +6,15 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import mmap
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from tiers.shmseg import SegmentInfo, local_cuda, open_segment
+from gateway.fdpass import HandoffError, receive_fd
+from tiers.shmseg import SegmentInfo, local_cuda, map_fd, open_segment
 
 Dest = Any
 """Where ``read_into`` copies: a writable ``memoryview`` of bytes, or a flat ``uint8`` tensor."""
@@ -62,8 +64,17 @@ class ShmSession:
             raise ShmUnavailable(f"unreadable attach answer: {exc}") from None
         try:
             return cls(session_id, infos)
-        except (OSError, ValueError, RuntimeError) as exc:
+        except (OSError, ValueError, RuntimeError, HandoffError) as exc:
             raise ShmUnavailable(f"cannot map the gateway's segments: {exc}") from None
+
+    @staticmethod
+    def blocks_to_attach(payload: dict[str, Any]) -> bool:
+        """Whether :meth:`from_attach` would wait on the gateway (a descriptor handoff): then
+        call it off the event loop, which may be the one serving the gateway."""
+        segments = payload.get("segments")
+        return isinstance(segments, list) and any(
+            isinstance(raw, dict) and raw.get("kind") == "fd" for raw in segments
+        )
 
     def read(self, segment: str, runs: Sequence[Sequence[int]]) -> bytes:
         mapped = self._segments.get(segment)
@@ -129,6 +140,14 @@ class ShmSession:
 def _map(info: SegmentInfo) -> _Mapped:
     if info.kind == "cuda_ipc":
         return _Mapped(info, None, _cuda_open(info))
+    if info.kind == "fd":
+        if info.ticket is None:
+            raise ShmUnavailable(f"segment {info.name} came without a ticket")
+        fd = receive_fd(info.path, info.ticket)
+        try:
+            return _Mapped(info, map_fd(fd, info))
+        finally:
+            os.close(fd)  # the mapping keeps the memory
     if info.kind != "file":
         raise ShmUnavailable(f"unknown segment kind {info.kind!r}")
     return _Mapped(info, open_segment(info))

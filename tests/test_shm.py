@@ -287,7 +287,8 @@ async def _attach_mapped(
     for seg in body["segments"]:
         if seg["kind"] == "file":
             assert stat.S_IMODE(os.stat(seg["path"]).st_mode) == 0o600
-    return ShmSession.from_attach(body)
+    # A private session's descriptor comes from the gateway, which runs on this event loop.
+    return await asyncio.to_thread(ShmSession.from_attach, body)
 
 
 async def test_a_read_lease_pins_the_pages_until_released(

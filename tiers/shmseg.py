@@ -6,12 +6,19 @@ plant a file or a symlink under the name first), its pages are reserved up front
 ``posix_fallocate`` (a full tmpfs fails here, at start-up, instead of raising SIGBUS on a later
 write), and it is unlinked when closed. Names carry the pid and a random token, so concurrent
 gateways never collide and :func:`sweep_stale` can remove what a crashed gateway left behind.
+
+A *private* segment (:meth:`ShmSegment.create_private`) has no name at all: it is a sealed
+``memfd`` that reaches its one client as a file descriptor over a Unix socket
+(gateway.fdpass), so no other process -- of the gateway's uid or any other -- can open it by
+path, and its size is sealed, so the client cannot truncate it under the gateway (which would
+raise SIGBUS in the gateway on its next access).
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import logging
 import mmap
 import os
@@ -38,8 +45,10 @@ class SegmentInfo:
     size: int
     writable: bool = False
     kind: str = "file"
-    """``file`` (a tmpfs file to mmap) or ``cuda_ipc`` (an HBM arena: ``ipc`` is its handle)."""
+    """``file`` (a tmpfs file to mmap), ``fd`` (a private segment: redeem ``ticket`` at the Unix
+    socket ``path`` for its descriptor) or ``cuda_ipc`` (an HBM arena: ``ipc`` is its handle)."""
     ipc: tuple[object, ...] | None = None
+    ticket: str | None = None
 
     def as_json(self) -> dict[str, object]:
         out: dict[str, object] = {
@@ -51,6 +60,8 @@ class SegmentInfo:
         }
         if self.ipc is not None:
             out["ipc"] = [_encode_ipc(v) for v in self.ipc]
+        if self.ticket is not None:
+            out["ticket"] = self.ticket
         return out
 
     @classmethod
@@ -67,6 +78,7 @@ class SegmentInfo:
             writable=bool(raw.get("writable", False)),
             kind=str(raw.get("kind", "file")),
             ipc=ipc,
+            ticket=str(raw["ticket"]) if "ticket" in raw else None,
         )
 
 
@@ -110,15 +122,52 @@ def local_cuda(ipc: tuple[object, ...]) -> Any | None:
     return None if key is None else _LOCAL_CUDA.get(key)
 
 
-class ShmSegment:
-    """One ``MAP_SHARED`` mapping of a tmpfs file the gateway created; :attr:`buffer` is its
-    writable memoryview."""
+_SEALS = (
+    getattr(fcntl, "F_SEAL_SHRINK", 0x0002)
+    | getattr(fcntl, "F_SEAL_GROW", 0x0004)
+    | getattr(fcntl, "F_SEAL_SEAL", 0x0001)
+)
 
-    def __init__(self, name: str, path: Path, size: int, mapping: mmap.mmap) -> None:
+
+class ShmSegment:
+    """One ``MAP_SHARED`` mapping of a tmpfs file (or, private, a memfd) the gateway created;
+    :attr:`buffer` is its writable memoryview."""
+
+    def __init__(
+        self, name: str, path: Path | None, size: int, mapping: mmap.mmap, *, fd: int = -1
+    ) -> None:
         self.name = name
         self.path = path
         self.size = size
         self._mmap: mmap.mmap | None = mapping
+        self._fd = fd
+
+    @classmethod
+    def create_private(cls, label: str, size: int) -> ShmSegment:
+        """A nameless segment (a sealed memfd) to hand to one client by descriptor; raises
+        ``OSError`` when memory or memfd support is missing."""
+        if size <= 0:
+            raise ValueError("a segment needs a positive size")
+        name = f"{PREFIX}-{os.getpid()}-{secrets.token_hex(8)}-{label}"
+        if _NAME_RE.match(name) is None:
+            raise ValueError(f"bad segment label {label!r}: use [a-z0-9_]{{1,32}}")
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, size)
+            os.posix_fallocate(fd, 0, size)  # memory short: fail now, not SIGBUS later
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+            mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(name, None, size, mapping, fd=fd)
+
+    @property
+    def fd(self) -> int:
+        """The descriptor of a private segment (what a client is handed); -1 once closed."""
+        if self.path is not None:
+            raise ValueError(f"segment {self.name} is a file: clients open it by path")
+        return self._fd
 
     @classmethod
     def create(cls, label: str, size: int, *, directory: Path = DEFAULT_SHM_DIR) -> ShmSegment:
@@ -149,12 +198,18 @@ class ShmSegment:
         return self._mmap
 
     def info(self, *, writable: bool = False) -> SegmentInfo:
+        if self.path is None:
+            raise ValueError(f"segment {self.name} is private: describe it with its ticket")
         return SegmentInfo(self.name, str(self.path), self.size, writable)
 
     def close(self) -> None:
         """Unlink the file; unmap unless views into it are still alive (then the GC does)."""
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        if self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)  # a client that was handed it keeps its own copy
         mapping, self._mmap = self._mmap, None
         if mapping is not None:
             # A tensor or memoryview may still export the buffer; the mapping then goes with it.
@@ -167,12 +222,17 @@ def open_segment(info: SegmentInfo) -> mmap.mmap:
     flags = os.O_RDWR if info.writable else os.O_RDONLY
     fd = os.open(info.path, flags | os.O_NOFOLLOW)
     try:
-        if os.fstat(fd).st_size < info.size:
-            raise OSError(f"segment {info.name} is smaller than advertised")
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if info.writable else 0)
-        return mmap.mmap(fd, info.size, flags=mmap.MAP_SHARED, prot=prot)
+        return map_fd(fd, info)
     finally:
         os.close(fd)
+
+
+def map_fd(fd: int, info: SegmentInfo) -> mmap.mmap:
+    """Map the segment ``info`` from an open descriptor (the caller still owns ``fd``)."""
+    if os.fstat(fd).st_size < info.size:
+        raise OSError(f"segment {info.name} is smaller than advertised")
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if info.writable else 0)
+    return mmap.mmap(fd, info.size, flags=mmap.MAP_SHARED, prot=prot)
 
 
 def sweep_stale(directory: Path = DEFAULT_SHM_DIR) -> int:
