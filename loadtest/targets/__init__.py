@@ -110,11 +110,30 @@ async def _open_kvgate_shed(options: TargetOptions) -> AsyncIterator[Target]:
 
 @contextlib.asynccontextmanager
 async def _open_kvgate_shm(options: TargetOptions) -> AsyncIterator[Target]:
+    async with _shm_target(options, "kvgate-shm", None) as target:
+        yield target
+
+
+# What a multi-tenant gateway runs by default (shm_isolation auto -> private): no arena is
+# mapped, every read is one copy into the session's own segment.
+PRIVATE_SHM_SETTINGS = {"KVGATE_SHM_ISOLATION": "private"}
+
+
+@contextlib.asynccontextmanager
+async def _open_kvgate_shm_private(options: TargetOptions) -> AsyncIterator[Target]:
+    async with _shm_target(options, "kvgate-shm-private", PRIVATE_SHM_SETTINGS) as target:
+        yield target
+
+
+@contextlib.asynccontextmanager
+async def _shm_target(
+    options: TargetOptions, name: str, settings: dict[str, str] | None
+) -> AsyncIterator[Target]:
     from loadtest.targets.shm_target import KvgateShmTarget
 
     async with contextlib.AsyncExitStack() as stack:
-        url = await _kvgate_url(stack, options)
-        target = KvgateShmTarget(url, concurrency=options.concurrency)
+        url = await _kvgate_url(stack, options, settings)
+        target = KvgateShmTarget(url, concurrency=options.concurrency, name=name)
         stack.push_async_callback(target.close)
         await target.check()
         yield target
@@ -175,6 +194,7 @@ async def _open_mooncake(options: TargetOptions) -> AsyncIterator[Target]:
 OPENERS: dict[str, Opener] = {
     "kvgate": _open_kvgate,
     "kvgate-shm": _open_kvgate_shm,
+    "kvgate-shm-private": _open_kvgate_shm_private,
     "kvgate-shed": _open_kvgate_shed,
     "dict": _open_dict,
     "redis": _open_redis,

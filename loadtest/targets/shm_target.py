@@ -19,8 +19,10 @@ _PUT_STATUS = {201: PutStatus.STORED, 200: PutStatus.EXISTS, 507: PutStatus.NO_R
 
 
 class KvgateShmTarget:
-    def __init__(self, base_url: str, *, concurrency: int, max_batch: int = 64) -> None:
-        self.name = "kvgate-shm"
+    def __init__(
+        self, base_url: str, *, concurrency: int, max_batch: int = 64, name: str = "kvgate-shm"
+    ) -> None:
+        self.name = name
         self._kv = KVGateClient(base_url, shm=True, max_connections=concurrency)
         self._max_batch = max_batch
         self._gets: list[tuple[str, asyncio.Future[bytes | None]]] = []
@@ -31,7 +33,7 @@ class KvgateShmTarget:
         """Fail loudly when the shared-memory path is not in use (it would measure HTTP)."""
         await self._kv.get_many([])
         if not self._kv.uses_shm:
-            raise TargetError(f"kvgate-shm: no shared memory: {self._kv.shm_fallback_reason}")
+            raise TargetError(f"{self.name}: no shared memory: {self._kv.shm_fallback_reason}")
 
     async def get(self, key: str) -> GetResult:
         future: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
