@@ -504,8 +504,12 @@ def _shm_paths() -> dict[str, Any]:
     return {
         "/v1/shm/attach": _shm_op(
             "Open a shared-memory session",
-            "Answers {session, segments: [{name, path, size, writable, kind}], lease_ms}: the "
-            "arena segments to map read-only and this session's writable staging segment.",
+            "Answers {session, segments: [{name, path, size, writable, kind, ticket?}], "
+            "lease_ms}. Shared sessions: the arena segments to map read-only and this "
+            "session's writable staging file. Private sessions (shm_isolation; the default "
+            "with tenants): only the staging segment, kind fd: connect to the Unix socket at "
+            "path, write the single-use ticket and a newline, receive its descriptor "
+            "(SCM_RIGHTS). 503: no shared memory, or the tenant's sessions are at their cap.",
             "201",
             401,
             403,
