@@ -220,9 +220,17 @@ def create_app(
         if state.coherence is not None:
             state.coherence.stop_waiting()
 
+    async def warn_open_metrics(app: web.Application) -> None:
+        log.warning(
+            "GET /metrics is open and names every tenant with its usage: set "
+            "metrics_token_sha256 where tenants can reach this port"
+        )
+
     app.cleanup_ctx.append(tiers_ctx)
     app.cleanup_ctx.append(coherence_ctx)
     app.on_shutdown.append(wake_waiters)
+    if config.auth_enabled and config.metrics_token_sha256 is None:
+        app.on_startup.append(warn_open_metrics)
     add_routes(app, Handlers(state))
     if config.shm:
         shm.install(app)  # the same-host data plane: /v1/shm/*

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from gateway.client import KVGateClient
 from gateway.config import TenantConfig
@@ -97,3 +99,20 @@ async def test_a_metrics_token_guards_the_scrape_endpoint(tmp_path: Path) -> Non
                     assert (await resp.json())["error"] in ("unauthorized", "forbidden")
         async with http.get(f"{gw.url}/healthz") as resp:
             assert resp.status == 200
+
+
+async def test_open_metrics_with_tenants_is_warned_at_startup(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    digest = hashlib.sha256(b"scraper-token").hexdigest()
+    warning = "GET /metrics is open"
+    with caplog.at_level(logging.WARNING, logger="kvgate.gateway"):
+        async with running_gateway(tmp_path / "a", tenants=TENANTS):
+            pass
+        assert warning in caplog.text
+        caplog.clear()
+        async with running_gateway(tmp_path / "b", tenants=TENANTS, metrics_token_sha256=digest):
+            pass
+        async with running_gateway(tmp_path / "c"):  # one tenant, loopback: nothing to leak
+            pass
+    assert warning not in caplog.text
