@@ -32,7 +32,7 @@ from coherence.errors import (
     StaleToken,
 )
 from coherence.sched import LoopScheduler, Scheduler, Timer
-from tiers.block import TENANT_SEP
+from tiers.block import TENANT_SEP, client_key
 from tiers.clock import SYSTEM_CLOCK, Clock
 
 EPOCH_SPAN = 1_000_000
@@ -319,17 +319,19 @@ class LeaseTable:
         if lease is not None:
             if token is None:
                 raise LeaseConflict(
-                    f"a write lease on {key!r} is held by someone else",
+                    f"a write lease on {client_key(key)!r} is held by someone else",
                     retry_after_ms=self._remaining_ms(lease),
                 )
             if token != lease.token:
-                raise StaleToken(f"token {token} is not the current token for {key!r}")
+                raise StaleToken(f"token {token} is not the current token for {client_key(key)!r}")
             return WritePermit(key, token, lease.lease_id)
         if token is None:
             return WritePermit(key, None, None)
         newest = self._by_key.get(key)
         if newest is None or newest.token != token:
-            raise StaleToken(f"token {token} is not the newest token granted for {key!r}")
+            raise StaleToken(
+                f"token {token} is not the newest token granted for {client_key(key)!r}"
+            )
         return WritePermit(key, token, None)
 
     def validate(self, permit: WritePermit) -> bool:

@@ -55,7 +55,7 @@ from coherence.leases import (
     time_out,
 )
 from coherence.sched import LoopScheduler, Scheduler
-from tiers.block import TENANT_SEP
+from tiers.block import TENANT_SEP, client_key
 from tiers.clock import SYSTEM_CLOCK, Clock
 from tiers.remote import DEFAULT_PREFIX, Fence
 from tiers.remote import reply_text as _text
@@ -313,13 +313,15 @@ class RedisLeaseTable:
         status = _text(answer[0])
         if status == "conflict":
             raise LeaseConflict(
-                f"a write lease on {key!r} is held by someone else",
+                f"a write lease on {client_key(key)!r} is held by someone else",
                 retry_after_ms=max(1, int(answer[1])),
             )
         if status == "stale":
             if token is None:  # pragma: no cover - the script never answers stale without one
                 raise CoherenceError("stale answer for an unleased write")
-            raise StaleToken(f"token {token} is not the newest token granted for {key!r}")
+            raise StaleToken(
+                f"token {token} is not the newest token granted for {client_key(key)!r}"
+            )
         lease_id = _text(answer[1]) or None
         return WritePermit(key, token, lease_id)
 

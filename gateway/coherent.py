@@ -40,7 +40,7 @@ from gateway.context import RequestContext
 from gateway.metrics import KvgateMetrics
 from gateway.telemetry import traced_lease_wait
 from tiers.base import Reservation
-from tiers.block import Block, split_key
+from tiers.block import Block, client_key, split_key
 from tiers.hierarchy import Hierarchy, Hit, StoreOutcome
 
 log = logging.getLogger("kvgate.coherence")
@@ -157,7 +157,9 @@ class Coherence:
         if outcome is StoreOutcome.FENCED:
             self._lease_event("stale", key)
             leases.check_write(key, permit.token)  # raises the reason, as a 409
-            raise StaleToken(f"the write lease on {key!r} was lost before the block was stored")
+            raise StaleToken(
+                f"the write lease on {client_key(key)!r} was lost before the block was stored"
+            )
         visible = outcome in (StoreOutcome.STORED, StoreOutcome.EXISTS)
         lease_id, token = current.lease_id, current.token
         # Wakes the waiters: the block is visible (stored now, or by an earlier writer).
@@ -187,7 +189,9 @@ class Coherence:
         if outcome is StoreOutcome.FENCED:
             self._lease_event("stale", key)
             await leases.check_write(key, permit.token)  # raises the reason, as a 409
-            raise StaleToken(f"the write lease on {key!r} was lost before the block was stored")
+            raise StaleToken(
+                f"the write lease on {client_key(key)!r} was lost before the block was stored"
+            )
         visible = outcome in (StoreOutcome.STORED, StoreOutcome.EXISTS)
         lease_id, token = permit.lease_id, permit.token
         # Wakes the waiters on every gateway: the block is visible.

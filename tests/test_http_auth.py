@@ -116,3 +116,24 @@ async def test_open_metrics_with_tenants_is_warned_at_startup(
         async with running_gateway(tmp_path / "c"):  # one tenant, loopback: nothing to leak
             pass
     assert warning not in caplog.text
+
+
+async def test_lease_errors_name_the_key_as_the_tenant_sent_it(tmp_path: Path) -> None:
+    async with (
+        running_gateway(tmp_path, tenants=TENANTS) as gw,
+        KVGateClient(gw.url, token="bob-token") as bob,
+        aiohttp.ClientSession() as http,
+    ):
+        await bob.acquire_lease("L1", ttl_ms=5_000)
+        headers = {"Authorization": "Bearer bob-token"}
+        details = []
+        async with http.put(gw.block_url("L1"), data=b"x", headers=headers) as resp:
+            assert resp.status == 409
+            details.append((await resp.json())["detail"])
+        stale = {**headers, "X-KV-Lease-Token": "1"}
+        async with http.put(gw.block_url("L1"), data=b"x", headers=stale) as resp:
+            assert resp.status == 409
+            details.append((await resp.json())["detail"])
+    assert "held" in details[0] and "token" in details[1]
+    for detail in details:
+        assert "'L1'" in detail and "bob/" not in detail, detail

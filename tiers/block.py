@@ -16,6 +16,12 @@ def scoped_key(tenant: str, key: str) -> str:
     return f"{tenant}{TENANT_SEP}{key}"
 
 
+def client_key(scoped: str) -> str:
+    """The key as its tenant's client named it: what messages back to that client may say."""
+    tenant, sep, key = scoped.partition(TENANT_SEP)
+    return key if sep else tenant
+
+
 def split_key(scoped: str) -> tuple[str, str]:
     tenant, _, key = scoped.partition(TENANT_SEP)
     return tenant, key
