@@ -95,19 +95,18 @@ class ShmSettings:
     lease_ms: int
     max_block_bytes: int
     max_keys: int
-    private: bool = False
-    """Sessions get no arena segments and a nameless staging segment (see the module doc)."""
     max_tenant_sessions: int = MAX_SESSIONS
 
 
 class ShmExchange:
-    """Sessions, read/write leases and staging space; the HTTP handlers below are thin."""
+    """Sessions, read/write leases and staging space; the HTTP handlers below are thin.
+
+    With a ``handoff`` sessions are private: no arena segments, a nameless staging segment
+    handed over by descriptor, every read copied into it (see the module doc)."""
 
     def __init__(
         self, settings: ShmSettings, *, clock: Clock, handoff: FdHandoff | None = None
     ) -> None:
-        if settings.private and handoff is None:
-            raise ValueError("private sessions need an FdHandoff to hand their segments over")
         self._settings = settings
         self._clock = clock
         self._handoff = handoff
@@ -144,7 +143,7 @@ class ShmExchange:
             )
         size = self._settings.staging_bytes
         try:
-            if self._settings.private:
+            if self._handoff is not None:
                 staging = ShmSegment.create_private("staging", size)
             else:
                 staging = ShmSegment.create("staging", size, directory=self._settings.directory)
@@ -178,7 +177,7 @@ class ShmExchange:
 
     def segments_for(self, session: _Session) -> list[SegmentInfo]:
         """What an attach answers: in private mode a ticket for the staging descriptor only."""
-        if self._handoff is None or not self._settings.private:
+        if self._handoff is None:
             return [*self.arena_segments, session.staging.info(writable=True)]
         staging = session.staging
         ticket = self._handoff.issue(lambda: staging.fd)  # -1 once the session is gone
@@ -221,7 +220,7 @@ class ShmExchange:
                 "size": meta.size,
                 "etag": meta.etag,
             }
-            place = None if self._settings.private else block.placement()
+            place = None if self._handoff is not None else block.placement()
             if place is not None:
                 lease.pins.append(block)
                 item["segment"] = place.segment
@@ -497,8 +496,7 @@ def install(app: web.Application) -> None:
     """Add the /v1/shm/* routes and the exchange's lifetime to the gateway app."""
     state = app[STATE]
     config = state.config
-    private = config.shm_private
-    handoff = FdHandoff(Path(config.shm_dir), clock=state.clock) if private else None
+    handoff = FdHandoff(Path(config.shm_dir), clock=state.clock) if config.shm_private else None
     exchange = ShmExchange(
         ShmSettings(
             directory=Path(config.shm_dir),
@@ -506,7 +504,6 @@ def install(app: web.Application) -> None:
             lease_ms=config.shm_lease_ms,
             max_block_bytes=config.max_block_bytes,
             max_keys=config.max_batch_keys,
-            private=private,
             max_tenant_sessions=MAX_TENANT_SESSIONS if config.auth_enabled else MAX_SESSIONS,
         ),
         clock=state.clock,

@@ -153,7 +153,6 @@ def test_one_tenant_cannot_take_every_session(tmp_path: Path) -> None:
         lease_ms=1000,
         max_block_bytes=MiB,
         max_keys=16,
-        private=True,
         max_tenant_sessions=2,
     )
     exchange = ShmExchange(

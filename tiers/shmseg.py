@@ -122,11 +122,16 @@ def local_cuda(ipc: tuple[object, ...]) -> Any | None:
     return None if key is None else _LOCAL_CUDA.get(key)
 
 
-_SEALS = (
-    getattr(fcntl, "F_SEAL_SHRINK", 0x0002)
-    | getattr(fcntl, "F_SEAL_GROW", 0x0004)
-    | getattr(fcntl, "F_SEAL_SEAL", 0x0001)
-)
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+
+def _new_name(label: str, size: int) -> str:
+    if size <= 0:
+        raise ValueError("a segment needs a positive size")
+    name = f"{PREFIX}-{os.getpid()}-{secrets.token_hex(8)}-{label}"
+    if _NAME_RE.match(name) is None:
+        raise ValueError(f"bad segment label {label!r}: use [a-z0-9_]{{1,32}}")
+    return name
 
 
 class ShmSegment:
@@ -146,11 +151,7 @@ class ShmSegment:
     def create_private(cls, label: str, size: int) -> ShmSegment:
         """A nameless segment (a sealed memfd) to hand to one client by descriptor; raises
         ``OSError`` when memory or memfd support is missing."""
-        if size <= 0:
-            raise ValueError("a segment needs a positive size")
-        name = f"{PREFIX}-{os.getpid()}-{secrets.token_hex(8)}-{label}"
-        if _NAME_RE.match(name) is None:
-            raise ValueError(f"bad segment label {label!r}: use [a-z0-9_]{{1,32}}")
+        name = _new_name(label, size)
         fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
@@ -172,11 +173,7 @@ class ShmSegment:
     @classmethod
     def create(cls, label: str, size: int, *, directory: Path = DEFAULT_SHM_DIR) -> ShmSegment:
         """Create and map a new segment; raises ``OSError`` when the tmpfs cannot hold it."""
-        if size <= 0:
-            raise ValueError("a segment needs a positive size")
-        name = f"{PREFIX}-{os.getpid()}-{secrets.token_hex(8)}-{label}"
-        if _NAME_RE.match(name) is None:
-            raise ValueError(f"bad segment label {label!r}: use [a-z0-9_]{{1,32}}")
+        name = _new_name(label, size)
         path = directory / name
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
