@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import aiohttp
 from aiohttp.abc import AbstractStreamWriter
@@ -24,6 +24,8 @@ from gateway.shm_client import (
     host_tensor,
     is_loopback_url,
 )
+
+_R = TypeVar("_R")
 
 
 class SplitBody(BytesPayload):
@@ -116,6 +118,7 @@ class KVGateClient:
         self._shm: ShmSession | None = None
         self._shm_tried = False
         self._shm_release: list[str] = []
+        self._shm_attach_lock = asyncio.Lock()
         self.shm_fallback_reason: str | None = None
         """Why the shared-memory path is off (``None`` while it is on or untried)."""
 
@@ -355,23 +358,11 @@ class KVGateClient:
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         """The blocks of ``keys`` in order (``None`` for a miss): through shared memory when the
         gateway is on this host, else one ``/v1/batch/get``. Each block is a new ``bytes``."""
-        read = await self._shm_get(keys)
-        if read is None:
-            return [None if b is None else b.data for b in await self.batch_get(keys)]
-        shm, lease, items = read
-        out: list[bytes | None] = []
-        try:
-            for key, item in zip(keys, items, strict=True):
-                status = item["status"]
-                if status == 200:
-                    out.append(shm.read(item["segment"], item["runs"]))
-                elif status == 404:
-                    out.append(None)
-                else:  # 307: not in shared memory right now; this one comes over HTTP
-                    out.append(await self.get(key))
-        finally:
-            self._release_later(lease)
-        return out
+        return await self._read_many(
+            keys,
+            on_shm=lambda _, shm, item: shm.read(item["segment"], item["runs"]),
+            on_bytes=lambda _, data: data,
+        )
 
     async def get_many_into(self, keys: Sequence[str], buffers: Sequence[Any]) -> list[int | None]:
         """Copy the blocks of ``keys`` into the caller's writable ``buffers`` (one per key:
@@ -383,25 +374,36 @@ class KVGateClient:
         if len(buffers) != len(keys):
             raise ValueError(f"{len(keys)} keys but {len(buffers)} buffers")
         views = [_byte_view(b) for b in buffers]
+        return await self._read_many(
+            keys,
+            on_shm=lambda i, shm, item: shm.read_into(item["segment"], item["runs"], views[i]),
+            on_bytes=lambda i, data: None if data is None else _copy_into(views[i], data),
+        )
+
+    async def _read_many(
+        self,
+        keys: Sequence[str],
+        *,
+        on_shm: Callable[[int, ShmSession, dict[str, Any]], _R],
+        on_bytes: Callable[[int, bytes | None], _R],
+    ) -> list[_R]:
+        """Per key ``on_shm(i, session, descriptor)`` for a block in shared memory, else
+        ``on_bytes(i, bytes or None)`` with the block read over HTTP."""
         read = await self._shm_get(keys)
         if read is None:
             got = await self.batch_get(keys)
-            return [
-                None if b is None else _copy_into(view, b.data)
-                for b, view in zip(got, views, strict=True)
-            ]
+            return [on_bytes(i, None if b is None else b.data) for i, b in enumerate(got)]
         shm, lease, items = read
-        out: list[int | None] = []
+        out: list[_R] = []
         try:
-            for key, item, view in zip(keys, items, views, strict=True):
+            for i, (key, item) in enumerate(zip(keys, items, strict=True)):
                 status = item["status"]
                 if status == 200:
-                    out.append(shm.read_into(item["segment"], item["runs"], view))
+                    out.append(on_shm(i, shm, item))
                 elif status == 404:
-                    out.append(None)
-                else:
-                    data = await self.get(key)
-                    out.append(None if data is None else _copy_into(view, data))
+                    out.append(on_bytes(i, None))
+                else:  # 307: not in shared memory right now; this one comes over HTTP
+                    out.append(on_bytes(i, await self.get(key)))
         finally:
             self._release_later(lease)
         return out
@@ -424,9 +426,11 @@ class KVGateClient:
         except KVGateError as exc:
             if exc.status != 404 or not retry:
                 raise
-            # The session is gone (the gateway restarted, or it sat idle): attach once more.
-            await self._shm_detach()
-            self._shm_tried = False
+            # The session is gone (the gateway restarted, or it sat idle): attach once more --
+            # unless a concurrent call has dropped it already (it may have attached anew).
+            if self._shm is shm:
+                self._shm_tried = False
+                await self._shm_detach()
             return await self._shm_get(keys, retry=False)
         items = answer["items"]
         if not isinstance(items, list) or len(items) != len(keys):
@@ -468,9 +472,16 @@ class KVGateClient:
         return [(str(r["key"]), int(r["status"])) for r in answer["results"]]
 
     async def _shm_session(self) -> ShmSession | None:
-        if self._shm is not None or self._shm_tried or not self._shm_wanted:
+        if self._shm is not None or not self._shm_wanted:
             return self._shm
-        self._shm_tried = True
+        # Concurrent first calls wait for the one attach rather than fall back to HTTP.
+        async with self._shm_attach_lock:
+            if self._shm is not None or self._shm_tried:
+                return self._shm
+            self._shm_tried = True
+            return await self._shm_attach()
+
+    async def _shm_attach(self) -> ShmSession | None:
         try:
             payload = await self._post_json("/v1/shm/attach", {}, expect=201)
         except KVGateError as exc:

@@ -83,9 +83,10 @@ class _Lease:
     pins: list[PinnedBlock] = field(default_factory=list)
     staged: list[list[Run]] = field(default_factory=list)
     reserved: list[tuple[int, list[Run]]] = field(default_factory=list)  # (size, runs), PUTs
-    # A commit is reading the reserved regions: neither its deadline nor a release or detach
-    # may free them (or close the segment) under it; the commit ends the lease itself.
-    committing: bool = False
+    # A get is filling the lease or a commit is reading its regions: neither its deadline nor a
+    # release or detach may free them (or close the segment) under it; whoever set it settles
+    # the lease itself.
+    busy: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +171,7 @@ class ShmExchange:
 
     def detach(self, session: _Session) -> None:
         for lease_id in list(session.leases):
-            if not self._leases[lease_id].committing:
+            if not self._leases[lease_id].busy:
                 self._end(lease_id)
         self._sessions.pop(session.id, None)
         session.staging.close()  # a commit still reading keeps the mapping alive
@@ -204,6 +205,20 @@ class ShmExchange:
         ttl_ms: int,
     ) -> tuple[_Lease, list[dict[str, object]]]:
         lease = self._new_lease(session, ttl_ms)
+        lease.busy = True  # a sweep during the awaits below must not end it half filled
+        try:
+            items = await self._fill(lease, keys, scoped, store)
+        except BaseException:
+            lease.busy = False
+            self._end(lease.id)
+            raise
+        lease.busy = False
+        return lease, items
+
+    async def _fill(
+        self, lease: _Lease, keys: Sequence[str], scoped: Sequence[str], store: Hierarchy
+    ) -> list[dict[str, object]]:
+        session = lease.session
         items: list[dict[str, object]] = []
         staging = session.staging
         for key, skey in zip(keys, scoped, strict=True):
@@ -246,7 +261,7 @@ class ShmExchange:
                         session.alloc.free(runs)
                     block.release()
             items.append(item)
-        return lease, items
+        return items
 
     # -- writes --------------------------------------------------------------------------------
 
@@ -275,9 +290,9 @@ class ShmExchange:
         leases, fencing and quotas hold as for any PUT); one result per key."""
         if len(keys) != len(lease.reserved):
             raise BadJSON(f"{len(lease.reserved)} regions were reserved, {len(keys)} keys sent")
-        if lease.committing:
-            raise Conflict("this shared-memory lease is being committed already")
-        lease.committing = True
+        if lease.busy:
+            raise Conflict("this shared-memory lease is in use (being committed already)")
+        lease.busy = True
         buf = memoryview(lease.session.staging.buffer)
         results: list[dict[str, object]] = []
         try:
@@ -304,7 +319,7 @@ class ShmExchange:
         released = 0
         for lease_id in lease_ids:
             lease = self._leases.get(lease_id) if isinstance(lease_id, str) else None
-            if lease is not None and lease.session is session and not lease.committing:
+            if lease is not None and lease.session is session and not lease.busy:
                 self._end(lease.id)
                 released += 1
         return released
@@ -313,9 +328,7 @@ class ShmExchange:
         """End expired leases (their pages become reusable) and close idle sessions."""
         now = self._clock.monotonic()
         expired = [
-            lid
-            for lid, lease in self._leases.items()
-            if now >= lease.deadline and not lease.committing
+            lid for lid, lease in self._leases.items() if now >= lease.deadline and not lease.busy
         ]
         for lease_id in expired:
             self._end(lease_id)

@@ -45,6 +45,15 @@ def add_target_options(parser: argparse.ArgumentParser) -> None:
         help="local: the client holds the segment itself; remote: a separate mooncake_client "
         "process holds it and bytes cross TCP (local)",
     )
+    g.add_argument(
+        "--shm-batch",
+        type=_positive_int,
+        default=64,
+        metavar="N",
+        help="kvgate-shm targets: the calls waiting at one moment go out in batches of at most "
+        "N blocks, one /v1/shm/get (or reserve + commit) each, sent concurrently (64: one "
+        "batch for the 16 default clients; 4: four callers loading 4 blocks each)",
+    )
     parser.add_argument(
         "--client-malloc",
         choices=alloc.CHOICES,
@@ -53,6 +62,13 @@ def add_target_options(parser: argparse.ArgumentParser) -> None:
         "freed 1 MiB buffers for reuse instead of faulting fresh pages in for each block read "
         "(keep), or glibc's defaults (see loadtest/alloc.py)",
     )
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
 
 
 def add_output_options(parser: argparse.ArgumentParser) -> None:
@@ -78,6 +94,7 @@ def target_options(args: argparse.Namespace, *, block_size: int, concurrency: in
         ),
         kvgate_args=tuple(args.kvgate_arg),
         mooncake_mode=args.mooncake_mode,
+        shm_batch=args.shm_batch,
     )
 
 

@@ -12,6 +12,7 @@ import os
 import stat
 import sys
 from pathlib import Path
+from typing import cast
 
 import aiohttp
 import pytest
@@ -624,5 +625,102 @@ async def test_a_lease_that_expires_while_its_commit_runs_is_not_freed_under_it(
         assert [r["status"] for r in results] == [201] * 4
         assert stored == {k: bytes([i + 1]) * 70_000 for i, k in enumerate("abcd")}
         assert not exchange._leases  # the commit ended its lease
+    finally:
+        exchange.close()
+
+
+async def test_concurrent_first_reads_all_wait_for_the_one_attach(gateway: RunningGateway) -> None:
+    """The first shared-memory call attaches; calls made meanwhile used to go over HTTP."""
+    blocks = {f"c:{i}": payload(f"c:{i}", 70_000) for i in range(4)}
+    async with KVGateClient(gateway.url) as writer:
+        await writer.put_many(blocks)
+    async with KVGateClient(gateway.url) as kv:
+        over_http: list[object] = []
+        batch_get = kv.batch_get
+
+        async def counted(keys: list[str]) -> object:
+            over_http.append(keys)
+            return await batch_get(keys)
+
+        kv.batch_get = counted  # type: ignore[method-assign,assignment]
+        got = await asyncio.gather(*(kv.get_many([key]) for key in blocks))
+        assert got == [[data] for data in blocks.values()]
+        assert kv.uses_shm
+        assert over_http == []
+
+
+async def test_a_lease_is_not_swept_while_its_get_is_filling_it(tmp_path: Path) -> None:
+    """A get awaits the tiers between keys; a sweep then (its deadline passed, or another
+    call's sweep) used to end the lease half filled, releasing the pins already taken."""
+    from gateway.shm import ShmExchange, ShmSettings
+    from tiers.base import HeldBlock
+    from tiers.clock import FakeClock
+    from tiers.hierarchy import Hierarchy, PinnedHit
+
+    clock = FakeClock()
+    settings = ShmSettings(
+        directory=tmp_path, staging_bytes=MiB, lease_ms=100, max_block_bytes=MiB, max_keys=64
+    )
+    exchange = ShmExchange(settings, clock=clock)
+    data = {k: payload(k, 70_000) for k in ("a", "b")}
+
+    class SlowStore:
+        async def get_pinned(self, key: str) -> PinnedHit:
+            if key == "b":  # between the two keys the deadline passes and a sweep runs
+                clock.advance(1.0)
+                assert exchange.sweep() == 0
+                await asyncio.sleep(0)
+            return PinnedHit(HeldBlock(Block.of(data[key])), "dram")
+
+    try:
+        session = exchange.attach("default")
+        store = cast(Hierarchy, SlowStore())
+        lease, items = await exchange.get(session, ["a", "b"], ["a", "b"], store, ttl_ms=100)
+        assert exchange.active_leases == 1
+        assert len(lease.staged) == 2
+        staging = bytes(session.staging.buffer)
+        for item, key in zip(items, ("a", "b"), strict=True):
+            (offset, length), *rest = item["runs"]  # type: ignore[misc]
+            assert not rest
+            assert staging[offset : offset + length] == data[key]
+        # Both regions still belong to the lease: a new allocation does not reuse them.
+        other = exchange.reserve(session, [70_000], ttl_ms=100)
+        taken = {a for runs in lease.staged for a, _ in runs}
+        assert not taken & {a for _, runs in other.reserved for a, _ in runs}
+        clock.advance(1.0)
+        assert exchange.sweep() == 2  # once filled it expires as any lease
+    finally:
+        exchange.close()
+
+
+async def test_a_get_that_fails_midway_ends_its_lease(tmp_path: Path) -> None:
+    """A tier error on one key raises (the gateway answers it); the half-filled lease, whose id
+    no client ever sees, is ended at once instead of holding staging space until it expires."""
+    from gateway.shm import ShmExchange, ShmSettings
+    from tiers.base import HeldBlock
+    from tiers.clock import FakeClock
+    from tiers.hierarchy import Hierarchy, PinnedHit
+
+    clock = FakeClock()
+    settings = ShmSettings(
+        directory=tmp_path, staging_bytes=MiB, lease_ms=100, max_block_bytes=MiB, max_keys=64
+    )
+    exchange = ShmExchange(settings, clock=clock)
+
+    class FailingStore:
+        async def get_pinned(self, key: str) -> PinnedHit:
+            if key == "b":
+                raise RuntimeError("tier failed")
+            return PinnedHit(HeldBlock(Block.of(b"x" * 70_000)), "dram")
+
+    try:
+        session = exchange.attach("default")
+        with pytest.raises(RuntimeError, match="tier failed"):
+            await exchange.get(
+                session, ["a", "b"], ["a", "b"], cast(Hierarchy, FailingStore()), ttl_ms=100
+            )
+        assert exchange.active_leases == 0
+        whole = exchange.reserve(session, [session.staging.size], ttl_ms=100)  # all of it free
+        assert whole.reserved
     finally:
         exchange.close()

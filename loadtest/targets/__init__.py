@@ -56,6 +56,9 @@ class TargetOptions:
     mooncake_mode: Literal["local", "remote"] = "local"
     """local: the benchmark client contributes the segment itself (the usual single-node setup);
     remote: a separate mooncake_client process holds it and every byte crosses TCP."""
+    shm_batch: int = 64
+    """The most blocks one shared-memory call of the kvgate-shm targets carries: the calls
+    waiting at one moment are gathered into batches of at most this many."""
 
 
 Opener = Callable[[TargetOptions], AbstractAsyncContextManager[Target]]
@@ -133,7 +136,9 @@ async def _shm_target(
 
     async with contextlib.AsyncExitStack() as stack:
         url = await _kvgate_url(stack, options, settings)
-        target = KvgateShmTarget(url, concurrency=options.concurrency, name=name)
+        target = KvgateShmTarget(
+            url, concurrency=options.concurrency, max_batch=options.shm_batch, name=name
+        )
         stack.push_async_callback(target.close)
         await target.check()
         yield target
