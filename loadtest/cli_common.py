@@ -48,11 +48,12 @@ def add_target_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--shm-batch",
         type=_positive_int,
-        default=64,
+        default=4,
         metavar="N",
         help="kvgate-shm targets: the calls waiting at one moment go out in batches of at most "
-        "N blocks, one /v1/shm/get (or reserve + commit) each, sent concurrently (64: one "
-        "batch for the 16 default clients; 4: four callers loading 4 blocks each)",
+        "N blocks, one /v1/shm/get (or reserve + commit) each, sent concurrently (4: the 16 "
+        "default clients as four callers loading 4 blocks each; 16 or more: one batch, every "
+        "client waiting for all)",
     )
     parser.add_argument(
         "--client-malloc",

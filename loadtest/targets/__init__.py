@@ -56,7 +56,7 @@ class TargetOptions:
     mooncake_mode: Literal["local", "remote"] = "local"
     """local: the benchmark client contributes the segment itself (the usual single-node setup);
     remote: a separate mooncake_client process holds it and every byte crosses TCP."""
-    shm_batch: int = 64
+    shm_batch: int = 4
     """The most blocks one shared-memory call of the kvgate-shm targets carries: the calls
     waiting at one moment are gathered into batches of at most this many."""
 

@@ -1,9 +1,12 @@
 """kvgate through its same-host shared-memory data plane (``KVGateClient.get_many``/``put_many``).
 
 The scenarios call ``get``/``put`` one key per worker; this target gathers the calls that are
-waiting at the same moment into one ``/v1/shm/get`` (or reserve + commit) -- the batches a
-serving frontend sends when it loads a prefix's blocks together -- so the per-call control cost
-is shared by up to ``max_batch`` blocks, while the bytes move by memcpy through /dev/shm.
+waiting at the same moment into ``/v1/shm/get`` (or reserve + commit) calls of up to
+``max_batch`` blocks each -- the batches serving frontends send when each loads a prefix's
+blocks together -- so the per-call control cost is shared, while the bytes move by memcpy
+through /dev/shm. The calls go out concurrently: with one call for every waiting worker, each
+waits for all, and the gateway staging a batch and the client copying one out take turns
+instead of overlapping (docs/benchmarks.md, "Batch size of the shared-memory calls").
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ _PUT_STATUS = {201: PutStatus.STORED, 200: PutStatus.EXISTS, 507: PutStatus.NO_R
 
 class KvgateShmTarget:
     def __init__(
-        self, base_url: str, *, concurrency: int, max_batch: int = 64, name: str = "kvgate-shm"
+        self, base_url: str, *, concurrency: int, max_batch: int = 4, name: str = "kvgate-shm"
     ) -> None:
         self.name = name
         self._kv = KVGateClient(base_url, shm=True, max_connections=concurrency)
