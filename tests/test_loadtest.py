@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -282,3 +284,44 @@ async def test_kvgate_shed_target_starts_a_shedding_gateway() -> None:
         put = await run_scenario(t, make_scenario("put", PARAMS), PARAMS, SHORT, progress=None)
         assert_sane(put, op="put", moves_bytes=True)
         assert put.outcomes == {"put:stored": put.ops}
+
+
+async def test_shm_target_sends_waiting_calls_in_concurrent_batches_of_shm_batch(
+    tmp_path: Path,
+) -> None:
+    from loadtest.cli_common import add_target_options, target_options
+    from loadtest.targets.shm_target import KvgateShmTarget
+    from tests.conftest import running_gateway
+
+    parser = argparse.ArgumentParser()
+    add_target_options(parser)
+    options = target_options(parser.parse_args(["--shm-batch", "4"]), block_size=1, concurrency=6)
+    assert options.shm_batch == 4
+    async with running_gateway(tmp_path) as gw:
+        target = KvgateShmTarget(gw.url, concurrency=6, max_batch=options.shm_batch)
+        try:
+            await target.check()
+            for i in range(6):
+                await target.put(f"b{i}", bytes([i]) * 1000)
+            calls: list[list[str]] = []
+            in_flight = 0
+            most = 0
+            get_many = target._kv.get_many
+
+            async def watched(keys: Sequence[str]) -> list[bytes | None]:
+                nonlocal in_flight, most
+                calls.append(list(keys))
+                in_flight += 1
+                most = max(most, in_flight)
+                try:
+                    return await get_many(keys)
+                finally:
+                    in_flight -= 1
+
+            target._kv.get_many = watched  # type: ignore[method-assign]
+            got = await asyncio.gather(*(target.get(f"b{i}") for i in range(6)))
+            assert [r.value for r in got] == [bytes([i]) * 1000 for i in range(6)]
+            assert [len(c) for c in calls] == [4, 2]
+            assert most == 2  # the two batches were in flight together
+        finally:
+            await target.close()
