@@ -239,8 +239,9 @@ def create_app(
 
 def add_routes(app: web.Application, h: Handlers) -> None:
     r = app.router
-    # {key:.*} routes every key, even a malformed one, here: bad keys are 400, not 404.
-    block = r.add_resource("/v1/blocks/{key:.*}", name="block")
+    # The pattern routes every key, even a malformed one, here: bad keys are 400, not 404.
+    # [\s\S], not ".": a decoded newline (%0a) would end the match, and the route with it.
+    block = r.add_resource(r"/v1/blocks/{key:[\s\S]*}", name="block")
     block.add_route("GET", h.get_block)  # HEAD is routed here too and answered without a body
     block.add_route("HEAD", h.get_block)
     block.add_route("PUT", h.put_block, expect_handler=h.expect_put)
