@@ -1,12 +1,13 @@
 """Write leases with fencing tokens, and single-flight waiters on them.
 
 One writer per key: :meth:`LeaseTable.acquire` grants at most one live lease per key (the scoped
-key string, ``tiers.block.scoped_key(tenant, key)``), each with a fencing token taken from one
-counter that only grows, across restarts too. A PUT is admitted by :meth:`LeaseTable.check_write`
-purely by comparing tokens, never by comparing times, so a writer that stalled past its lease
-cannot overwrite the key once anyone else has been granted it. Readers that want a block being
-written park in :meth:`LeaseTable.wait` and are woken by the commit, release or expiry of that
-lease, never by polling. See ``docs/coherence.md`` for the protocol as a whole.
+key string, ``tiers.block.scoped_key(tenant, key)``), each with a fencing token taken from its
+tenant's counter, which only grows, across restarts too. Each tenant has its own so that the
+tokens one tenant sees do not count the leases of the others. A PUT is admitted by
+:meth:`LeaseTable.check_write` purely by comparing tokens, never by comparing times, so a
+writer that stalled past its lease cannot overwrite the key once anyone else has been granted
+it. Readers that want a block being written park in :meth:`LeaseTable.wait` and are woken by
+the commit, release or expiry of that lease, never by polling. See ``docs/coherence.md`` for the protocol as a whole.
 
 Everything runs on one event loop; every operation is O(1) (a timer push is O(log n) in the
 scheduler's heap).
@@ -32,7 +33,7 @@ from coherence.errors import (
     StaleToken,
 )
 from coherence.sched import LoopScheduler, Scheduler, Timer
-from tiers.block import TENANT_SEP, client_key
+from tiers.block import DEFAULT_TENANT, TENANT_SEP, client_key, scoped_key
 from tiers.clock import SYSTEM_CLOCK, Clock
 
 EPOCH_SPAN = 1_000_000
@@ -234,7 +235,13 @@ class LeaseTable:
     ) -> None:
         if max_ttl_ms < 1 or max_wait_ms < 0 or max_remembered < 0:
             raise CoherenceConfigError("max_ttl_ms >= 1, max_wait_ms >= 0, max_remembered >= 0")
-        self._alloc = TokenAllocator(tokens, span=token_span)
+        if token_span < 1:
+            raise CoherenceConfigError(f"token span must be >= 1, got {token_span}")
+        self._tokens = tokens
+        self._token_span = token_span
+        # Per tenant, over the one durable epoch store: epochs are unique, so two tenants never
+        # draw the same token, and a tenant's own sequence is all another could infer from.
+        self._allocs: dict[str, TokenAllocator] = {}
         self._clock = clock
         self._sched: Scheduler = scheduler if scheduler is not None else LoopScheduler()
         self.max_ttl_ms = max_ttl_ms
@@ -247,9 +254,18 @@ class LeaseTable:
         self._waiting = 0
         self._stopped = False
 
-    async def open(self) -> None:
-        """Reserve the first epoch now, so startup (not the first acquire) pays the disk write."""
-        await self._alloc.refill()
+    async def open(self, tenants: Iterable[str] = (DEFAULT_TENANT,)) -> None:
+        """Reserve the first epoch of each of ``tenants`` now, so startup (not the first
+        acquire) pays the disk write. Any other tenant reserves its own on its first acquire."""
+        for tenant in tenants:
+            await self._alloc_for(scoped_key(tenant, "")).refill()
+
+    def _alloc_for(self, key: str) -> TokenAllocator:
+        tenant = tenant_of(key)
+        alloc = self._allocs.get(tenant)
+        if alloc is None:
+            alloc = self._allocs[tenant] = TokenAllocator(self._tokens, span=self._token_span)
+        return alloc
 
     # -- acquire / renew / release ------------------------------------------------------------
 
@@ -265,11 +281,12 @@ class LeaseTable:
             held = self._held(key)
             if held is not None:
                 return held
-            if self._alloc.available():
+            alloc = self._alloc_for(key)
+            if alloc.available():
                 break
             # Awaiting the store lets other tasks run: loop and look at the key again.
-            await self._alloc.refill()
-        return self._grant(key, self._alloc.take(), ttl)
+            await alloc.refill()
+        return self._grant(key, alloc.take(), ttl)
 
     def renew(self, lease_id: str, ttl_ms: int | None = None, *, tenant: str | None = None) -> int:
         """Extend a live lease to ``ttl_ms`` from now (default: its last TTL).
@@ -516,6 +533,12 @@ def time_out(waiters: Iterable[asyncio.Future[WaitOutcome]]) -> int:
             fut.set_result(WaitOutcome.TIMEOUT)
             woken += 1
     return woken
+
+
+def tenant_of(key: str) -> str:
+    """The tenant a scoped key belongs to (``""`` for a key that is not scoped)."""
+    tenant, sep, _ = key.partition(TENANT_SEP)
+    return tenant if sep else ""
 
 
 def _owned_by(lease: _Lease, tenant: str | None) -> bool:

@@ -8,9 +8,11 @@ table in Redis and every decision one Lua script, atomic across gateways:
   remote tier's :class:`~tiers.remote.Fence` reads this record when it publishes a block, so
   the fencing check and the publication are one step;
 * ``{prefix}:lid:{lease_id}`` -- which key a lease id is for;
-* ``{prefix}:fence`` -- the token counter. Tokens are compared for equality with the record,
-  never ordered by time; the counter is also floored at the wall clock in microseconds, so a
-  Redis that lost its data still hands out tokens larger than any before it;
+* ``{prefix}:fence:{tenant}`` -- each tenant's token counter (its own, so the tokens one
+  tenant sees do not count the others' leases). Tokens are compared for equality with the
+  record, never ordered by time; a counter is also floored at the wall clock in microseconds,
+  so a Redis that lost its data still hands out tokens larger than any before it, and at the
+  one counter of older gateways, ``{prefix}:fence``, so none repeats a token they handed out;
 * ``{prefix}:lease-events`` -- pub/sub channel: ``C`` (committed) or ``R`` (released) plus the
   key, which wakes the waiters parked on any gateway; ``D`` (deleted) plus the sender's id and
   the key, which drops the other gateways' local copies of a deleted block.
@@ -26,7 +28,7 @@ import contextlib
 import logging
 import math
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -52,6 +54,7 @@ from coherence.leases import (
     WaitOutcome,
     WritePermit,
     clamp_ttl,
+    tenant_of,
     time_out,
 )
 from coherence.sched import LoopScheduler, Scheduler
@@ -66,7 +69,8 @@ RECORD_TTL_MS = 24 * 3600 * 1000
 """How long a key's newest token is remembered after its lease was granted. Forgetting it only
 makes a late write with that token be refused, never accepted."""
 
-# KEYS: record, counter, id key; ARGV: now_ms, ttl_ms, lease id, record ttl, key, token floor
+# KEYS: record, tenant's counter, id key, legacy counter; ARGV: now_ms, ttl_ms, lease id, record
+# ttl, key, token floor
 # The lease id is drawn before the call, so a retry after a lost reply (redis-py re-sends on a
 # dropped connection) finds its own grant and answers it again instead of 'held'.
 _ACQUIRE = """
@@ -76,7 +80,7 @@ if rec[1] == '1' and tonumber(rec[2]) > now then
   if rec[3] == ARGV[3] then return {'granted', tonumber(rec[4]), tonumber(rec[2])} end
   return {'held', tonumber(rec[2]) - now}
 end
-local floor = tonumber(ARGV[6])
+local floor = math.max(tonumber(ARGV[6]), tonumber(redis.call('GET', KEYS[4]) or '0'))
 if tonumber(redis.call('GET', KEYS[2]) or '0') < floor then redis.call('SET', KEYS[2], floor) end
 local token = redis.call('INCR', KEYS[2])
 local deadline = now + tonumber(ARGV[2])
@@ -190,8 +194,9 @@ class RedisLeaseTable:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    async def open(self) -> None:
-        """Subscribe to commit and release events before any waiter can park."""
+    async def open(self, tenants: Iterable[str] = ()) -> None:
+        """Subscribe to commit and release events before any waiter can park. (``tenants``:
+        as for :meth:`LeaseTable.open`; the counters live in Redis, nothing is reserved.)"""
         pubsub = self._client.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(self.channel)
@@ -259,7 +264,12 @@ class RedisLeaseTable:
         now_ms = self._now_ms()
         answer = await self._run(
             self._acquire,
-            [self.record_key(key), self._counter, self._id_key(lease_id)],
+            [
+                self.record_key(key),
+                f"{self._counter}:{tenant_of(key)}",
+                self._id_key(lease_id),
+                self._counter,
+            ],
             [now_ms, ttl, lease_id, max(RECORD_TTL_MS, 2 * ttl), key, now_ms * 1000],
         )
         if _text(answer[0]) == "held":

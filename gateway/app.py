@@ -40,6 +40,7 @@ from gateway.handlers import Handlers, refusal_of
 from gateway.state import STATE, GatewayState
 from gateway.telemetry import Telemetry
 from gateway.telemetry import install as install_telemetry
+from tiers.block import DEFAULT_TENANT
 from tiers.clock import SYSTEM_CLOCK, Clock
 from tiers.factory import TierSettings, build_hierarchy
 from tiers.hierarchy import Hierarchy
@@ -203,7 +204,7 @@ def create_app(
             )
         # Reserves a fresh fencing epoch (a durable increment): every token of a previous run
         # is older than any this run hands out. The Redis table subscribes to lease events.
-        await leases.open()
+        await leases.open([t.name for t in config.tenants] or [DEFAULT_TENANT])
         telemetry.metrics.bind_leases(leases.stats)
         state.coherence = Coherence(hierarchy, leases, state.pins, metrics=telemetry.metrics)
         try:

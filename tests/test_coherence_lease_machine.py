@@ -20,7 +20,14 @@ from hypothesis.stateful import (
 )
 
 from coherence.errors import LeaseConflict, LeaseLost, LeaseNotFound, StaleToken
-from coherence.leases import Granted, Held, LeaseTable, MemoryTokenStore, WaitOutcome
+from coherence.leases import (
+    Granted,
+    Held,
+    LeaseTable,
+    MemoryTokenStore,
+    WaitOutcome,
+    tenant_of,
+)
 from coherence.sched import FakeScheduler
 from tiers.block import scoped_key
 from tiers.clock import FakeClock
@@ -66,7 +73,8 @@ class LeaseMachine(RuleBasedStateMachine):
         self.store = MemoryTokenStore()
         self.table = self._new_table()
         self.m = Model()
-        self.last_token = 0
+        self.last_token: dict[str, int] = {}  # per tenant: each has its own counter
+        self.granted: set[int] = set()
         self.waiters: list[MWaiter] = []
 
     def _new_table(self) -> LeaseTable:
@@ -117,8 +125,12 @@ class LeaseMachine(RuleBasedStateMachine):
             assert got == Held(math.ceil((holder.deadline - self.now()) * 1000))
             return
         assert isinstance(got, Granted)
-        assert got.token > self.last_token
-        self.last_token = got.token
+        tenant = tenant_of(key)
+        # Tokens grow per tenant (across restarts too), and no two grants share one.
+        assert got.token > self.last_token.get(tenant, 0)
+        assert got.token not in self.granted
+        self.last_token[tenant] = got.token
+        self.granted.add(got.token)
         ttl_s = ttl / 1000
         lease = MLease(key, got.lease_id, got.token, self.now() + ttl_s, ttl_s, self.m.generation)
         self.m.leases.append(lease)
@@ -153,7 +165,7 @@ class LeaseMachine(RuleBasedStateMachine):
 
     @rule(key=st.sampled_from(KEYS), data=st.data())
     def put(self, key: str, data: st.DataObject) -> None:
-        choices: list[int | None] = [None, 0, self.last_token + 1]
+        choices: list[int | None] = [None, 0, max(self.granted, default=0) + 1]
         choices += [lease.token for lease in self.m.leases]
         token = data.draw(st.sampled_from(choices))
         holder = self.live(key)

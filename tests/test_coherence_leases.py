@@ -327,3 +327,20 @@ def test_parse_token() -> None:
     for bad in ("", "-1", "1.5", "abc", "٣", "9" * 40):
         with pytest.raises(BadRequest):
             parse_token(bad)
+
+
+async def test_a_tenants_tokens_do_not_count_other_tenants_leases() -> None:
+    """One counter for all tenants let a tenant count the others' leases from the gaps
+    between its own tokens; each tenant now draws from its own epochs."""
+    env = Env()
+    await env.table.open(["alice", "bob"])
+    first = await env.grant(scoped_key("alice", "a0"))
+    bobs = [await env.grant(scoped_key("bob", f"b{i}")) for i in range(5)]
+    again = await env.grant(scoped_key("alice", "a1"))
+    assert again.token == first.token + 1
+    mine = {first.token, again.token}
+    assert mine.isdisjoint(b.token for b in bobs)  # epochs are unique: no token is shared
+    # A restart still jumps every tenant past each token it handed out before.
+    env.table = LeaseTable(env.store, clock=env.clock, scheduler=env.sched)
+    assert (await env.grant(scoped_key("alice", "a2"))).token > again.token
+    assert (await env.grant(scoped_key("bob", "b9"))).token > max(b.token for b in bobs)

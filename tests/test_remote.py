@@ -26,7 +26,7 @@ from tests.conftest import RunningGateway, running_gateway
 from tiers.base import PutOutcome
 from tiers.block import Block
 from tiers.clock import FakeClock
-from tiers.remote import POOL_CONNECTIONS, Fence, RemoteSettings, RemoteTier
+from tiers.remote import DEFAULT_PREFIX, POOL_CONNECTIONS, Fence, RemoteSettings, RemoteTier
 
 pytestmark = pytest.mark.skipif(
     redis_server_binary() is None,
@@ -643,3 +643,23 @@ async def test_remote_bench_counts_every_job_across_workers() -> None:
         return 3
 
     assert await _gather_limited([job] * 50, 8) == 150
+
+
+async def test_a_tenants_tokens_in_redis_do_not_count_other_tenants_leases(
+    client: aioredis.Redis,
+) -> None:
+    clock = FakeClock()
+    (table,) = await _tables(client, clock, FakeScheduler(clock), n=1)
+    # Older gateways drew every token from one counter, which may run ahead of the clock floor:
+    # the per-tenant counters start above it, so no token repeats one handed out before.
+    legacy = int(clock.time() * 1_000_000) + 10_000
+    await client.set(f"{DEFAULT_PREFIX}:fence", legacy)
+    try:
+        first = await table.acquire("alice/a0", 1000)
+        assert isinstance(first, Granted) and first.token > legacy
+        for i in range(5):
+            assert isinstance(await table.acquire(f"bob/b{i}", 1000), Granted)
+        again = await table.acquire("alice/a1", 1000)
+        assert isinstance(again, Granted) and again.token == first.token + 1
+    finally:
+        await table.close()
