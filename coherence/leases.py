@@ -7,7 +7,8 @@ tokens one tenant sees do not count the leases of the others. A PUT is admitted 
 :meth:`LeaseTable.check_write` purely by comparing tokens, never by comparing times, so a
 writer that stalled past its lease cannot overwrite the key once anyone else has been granted
 it. Readers that want a block being written park in :meth:`LeaseTable.wait` and are woken by
-the commit, release or expiry of that lease, never by polling. See ``docs/coherence.md`` for the protocol as a whole.
+the commit, release or expiry of that lease, never by polling. See ``docs/coherence.md`` for
+the protocol as a whole.
 
 Everything runs on one event loop; every operation is O(1) (a timer push is O(log n) in the
 scheduler's heap).
