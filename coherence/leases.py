@@ -437,8 +437,21 @@ class LeaseTable:
         self._stopped = True
         return sum(time_out(lease.waiters) for lease in self._by_key.values())
 
-    def stats(self) -> LeaseStats:
-        return LeaseStats(live=self._live, waiters=self._waiting, remembered=len(self._ended))
+    def stats(self, tenant: str | None = None) -> LeaseStats:
+        """All leases, or only ``tenant``'s (a scan of the keys remembered)."""
+        if tenant is None:
+            return LeaseStats(live=self._live, waiters=self._waiting, remembered=len(self._ended))
+        prefix = tenant + TENANT_SEP
+        mine = [lease for key, lease in self._by_key.items() if key.startswith(prefix)]
+        return LeaseStats(
+            live=sum(
+                1
+                for lease in mine
+                if lease.state is LeaseState.LIVE and lease.deadline > self._clock.monotonic()
+            ),
+            waiters=sum(len(lease.waiters) for lease in mine),
+            remembered=sum(1 for key in self._ended if key.startswith(prefix)),
+        )
 
     # -- internals ----------------------------------------------------------------------------
 

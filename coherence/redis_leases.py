@@ -406,12 +406,24 @@ class RedisLeaseTable:
         self._stopped = True
         return sum(time_out(parked.futures) for parked in self._parked.values())
 
-    def stats(self) -> LeaseStats:
-        """This gateway's view: leases it granted that have not ended, readers parked here."""
+    def stats(self, tenant: str | None = None) -> LeaseStats:
+        """This gateway's view: leases it granted that have not ended, readers parked here
+        (all of them, or only ``tenant``'s)."""
         now = self._clock.monotonic()
         for lease_id in [i for i, (_, deadline) in self._granted.items() if deadline <= now]:
             del self._granted[lease_id]
-        return LeaseStats(live=len(self._granted), waiters=self._waiting, remembered=0)
+        if tenant is None:
+            return LeaseStats(live=len(self._granted), waiters=self._waiting, remembered=0)
+        prefix = tenant + TENANT_SEP
+        return LeaseStats(
+            live=sum(1 for key, _ in self._granted.values() if key.startswith(prefix)),
+            waiters=sum(
+                len(parked.futures)
+                for key, parked in self._parked.items()
+                if key.startswith(prefix)
+            ),
+            remembered=0,
+        )
 
     # -- internals -----------------------------------------------------------------------------
 

@@ -301,8 +301,8 @@ class Coherence:
 
     # -- stats --------------------------------------------------------------------------------
 
-    def lease_stats(self) -> LeaseStats:
-        return self.leases.stats()
+    def lease_stats(self, tenant: str | None = None) -> LeaseStats:
+        return self.leases.stats(tenant)
 
     def stop_waiting(self) -> int:
         return self.leases.stop_waiting()

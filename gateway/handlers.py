@@ -561,12 +561,22 @@ class Handlers:
         store = self._state.store
         await store.refresh_shared()
         coherent = self._state.coherent
-        leases = coherent.lease_stats()
+        if self._state.config.auth_enabled:
+            # Tenants share the tiers: each is shown its own share of them, never totals,
+            # whose changes would tell of the other tenants' reads and writes (the operator's
+            # totals are on /metrics).
+            tiers = store.tenant_stats(ctx.tenant)
+            pinned_bytes, pinned_blocks = coherent.pins.tenant_pins(ctx.tenant)
+            leases = coherent.lease_stats(ctx.tenant)
+        else:
+            tiers = store.stats()
+            pinned_bytes, pinned_blocks = coherent.pins.pinned_bytes(), len(coherent.pins)
+            leases = coherent.lease_stats()
         return json_response(
             {
-                "tiers": [s.as_json() for s in store.stats()],
-                "pinned_bytes": coherent.pins.pinned_bytes(),
-                "pinned_blocks": len(coherent.pins),
+                "tiers": [s.as_json() for s in tiers],
+                "pinned_bytes": pinned_bytes,
+                "pinned_blocks": pinned_blocks,
                 "leases": {
                     "live": leases.live,
                     "waiters": leases.waiters,

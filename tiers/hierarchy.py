@@ -58,6 +58,7 @@ from tiers.observe import (
 )
 from tiers.policy import Access, EvictionPolicy, link_tiers, make_policy
 from tiers.remote import REMOTE_TIER, Fence, RemoteTier
+from tiers.usage import TenantUsage
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +151,9 @@ class Hierarchy:
         self._admitting: dict[str, object] = {}
         # Reads the index answered for a tier without asking it: misses all the same.
         self._index_miss_counts = [0] * len(self._tiers)
-        self._tenant_bytes: dict[str, int] = {}
         self._shared = shared
+        names = [t.name for t in self._tiers]
+        self._usage = TenantUsage(names if shared is None else [*names, shared.name])
         """Below every local tier: written through on put, read on a local miss (``--remote``)."""
         self._persistent = next(
             (i for i in range(len(self._tiers) - 1, -1, -1) if not self._tiers[i].volatile), None
@@ -198,8 +200,7 @@ class Hierarchy:
                     await self._drop_expired(tier, key)
                     continue
                 size = _size_hint(tier, key)
-                self._index[key] = _Loc(i, size, expires_at)
-                self._account(key, size)
+                self._index_new(key, _Loc(i, size, expires_at))
                 self._policies[i].on_insert(self._access(key, size))
 
     async def _drop_expired(self, tier: Tier, key: str) -> None:
@@ -336,9 +337,9 @@ class Hierarchy:
         moving = self._moving.get(key)
         if moving is not None:
             if key in self._deleted_while_moving:
-                self.observer.block_read(tenant, None)
+                self._note_read(tenant, None)
                 return None
-            self.observer.block_read(tenant, moving.tier)
+            self._note_read(tenant, moving.tier)
             if key in self._loaned:
                 # Lent pages are reused once the move ends, and a reader may hold the bytes
                 # longer than that (a response waiting on a slow socket): it gets a copy.
@@ -350,12 +351,12 @@ class Hierarchy:
             self._touch(access, None)
             self._index_misses(key, len(self._tiers))
             hit = None if self._shared is None else await self._get_shared(key)
-            self.observer.block_read(tenant, None if hit is None else hit.tier)
+            self._note_read(tenant, None if hit is None else hit.tier)
             return hit
         if self._expired(loc):
             await self._delete_quietly(key)
             self._index_misses(key, len(self._tiers))
-            self.observer.block_read(tenant, None)
+            self._note_read(tenant, None)
             return None
         idx = loc.tier
         tier = self._tiers[idx]
@@ -368,9 +369,9 @@ class Hierarchy:
             # Lost or corrupt: the tier dropped it; forget it everywhere above.
             if self._index.get(key) is loc:
                 self._forget(key)
-            self.observer.block_read(tenant, None)
+            self._note_read(tenant, None)
             return None
-        self.observer.block_read(tenant, tier.name)
+        self._note_read(tenant, tier.name)
         self._touch(access, idx)
         if self._shared is not None:
             self._shared.note_access(key)
@@ -395,7 +396,7 @@ class Hierarchy:
         idx = loc.tier
         self._index_misses(key, idx)
         self.observer.tier_get(name, 0.0, True)
-        self.observer.block_read(split_key(key)[0], name)
+        self._note_read(split_key(key)[0], name)
         self._touch(self._access(key), idx)
         if self._shared is not None:
             self._shared.note_access(key)
@@ -588,8 +589,7 @@ class Hierarchy:
                 await self._unstage(self._persistent, key)
                 return StoreOutcome.FENCED
             durable = True
-            self._index[key] = _Loc(self._persistent, size, block.meta.expires_at, durable=True)
-            self._account(key, size)
+            self._index_new(key, _Loc(self._persistent, size, block.meta.expires_at, durable=True))
         for i, tier in enumerate(self._tiers):
             if durable and i >= self._persistent:  # type: ignore[operator]
                 break
@@ -600,15 +600,14 @@ class Hierarchy:
             outcome = await self._store_at(i, key, block, reservation)
             if outcome is PutOutcome.STORED:
                 if key in self._index:
-                    self._index[key].tier = i
+                    self._relocate(key, self._index[key], i)
                 else:
                     # No await since the tier stored it: the check and the index entry that
                     # makes the block visible happen in one step of the event loop.
                     if publish_if is not None and not publish_if():
                         await self._unstage(i, key)
                         return StoreOutcome.FENCED
-                    self._index[key] = _Loc(i, size, block.meta.expires_at)
-                    self._account(key, size)
+                    self._index_new(key, _Loc(i, size, block.meta.expires_at))
                 return StoreOutcome.STORED
         return StoreOutcome.STORED if durable else StoreOutcome.NO_ROOM
 
@@ -771,11 +770,28 @@ class Hierarchy:
 
     def tenant_bytes(self, tenant: str) -> int:
         """Bytes ``tenant`` holds over all tiers, each block counted as :meth:`charge_of`."""
-        return self._tenant_bytes.get(tenant, 0)
+        return self._usage.total(tenant)
 
     def tenant_usage(self) -> dict[str, int]:
         """Bytes held per tenant over all tiers (a copy)."""
-        return dict(self._tenant_bytes)
+        return self._usage.totals()
+
+    def tenant_stats(self, tenant: str) -> list[TierStats]:
+        """As :meth:`stats`, but only ``tenant``'s share of each tier: its bytes and blocks, the
+        reads it made and its blocks evicted; capacities are the tiers' own. The shared remote
+        tier's holdings are not known per tenant (its totals would tell of every other tenant
+        on every gateway): they show as 0, with this tenant's reads."""
+        return [
+            replace(
+                stats,
+                used_bytes=row.used_bytes,
+                blocks=row.blocks,
+                hits=row.hits,
+                misses=row.misses,
+                evictions=row.evictions,
+            )
+            for stats, row in zip(self.stats(), self._usage.tiers(tenant), strict=True)
+        ]
 
     def __len__(self) -> int:
         return len(self._index)
@@ -801,17 +817,24 @@ class Hierarchy:
     def _excluded(self, key: str) -> bool:
         return key in self._moving or (self._is_pinned is not None and self._is_pinned(key))
 
-    def _account(self, key: str, size: int) -> None:
-        tenant = split_key(key)[0]
-        self._tenant_bytes[tenant] = self._tenant_bytes.get(tenant, 0) + self.charge_of(size)
+    def _index_new(self, key: str, loc: _Loc) -> None:
+        """Make ``key`` visible at ``loc`` (all index entries are made here)."""
+        self._index[key] = loc
+        self._usage.hold(split_key(key)[0], loc.tier, self.charge_of(loc.size))
+
+    def _relocate(self, key: str, loc: _Loc, tier: int) -> None:
+        """``key`` now lives in ``tier`` (every move of an index entry is made here)."""
+        self._usage.move(split_key(key)[0], loc.tier, tier, self.charge_of(loc.size))
+        loc.tier = tier
+
+    def _note_read(self, tenant: str, tier: str | None) -> None:
+        self._usage.read(tenant, tier)
+        self.observer.block_read(tenant, tier)
 
     def _forget(self, key: str) -> None:
         loc = self._index.pop(key, None)
         if loc is not None:
-            tenant = split_key(key)[0]
-            self._tenant_bytes[tenant] = self._tenant_bytes.get(tenant, 0) - self.charge_of(
-                loc.size
-            )
+            self._usage.drop(split_key(key)[0], loc.tier, self.charge_of(loc.size))
 
     async def _unstage(self, i: int, key: str) -> None:
         """Take back a block stored in tier ``i`` but never indexed (so never visible)."""
@@ -897,6 +920,7 @@ class Hierarchy:
 
     async def _demote_traced(self, i: int, key: str, span: Span) -> None:
         tier = self._tiers[i]
+        self._usage.evicted(split_key(key)[0], i)
         if self._shedding(i, key):
             # The disk is behind: drop the coldest block rather than stall the writer (and do
             # not copy it out of the arena first).
@@ -968,7 +992,7 @@ class Hierarchy:
                 loc.durable = False
             return
         if loc.durable and i + 1 == self._persistent:
-            loc.tier = i + 1
+            self._relocate(key, loc, i + 1)
             self._demotions[i] += 1
             return
         if i == self._persistent and loc.durable:
@@ -1030,7 +1054,7 @@ class Hierarchy:
                 await self._tiers[below].delete(key)
             return
         if outcome in (PutOutcome.STORED, PutOutcome.EXISTS):
-            loc.tier = below
+            self._relocate(key, loc, below)
             self._demotions[i] += 1
         else:
             self._forget(key)
@@ -1071,7 +1095,7 @@ class Hierarchy:
             return None
         if target is None or self._index.get(key) is not loc:
             return None
-        loc.tier = target
+        self._relocate(key, loc, target)
         self._promotions[src] += 1
         if loc.durable and src == self._persistent:
             return target  # keep the durable copy where it is
