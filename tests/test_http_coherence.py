@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -475,3 +476,70 @@ async def test_empty_blocks_count_a_page_each_against_the_quota(tmp_path: Path) 
         assert gw.hierarchy.tenant_bytes("alice") == quota  # 32 blocks: her newest
         assert await bob.get("kept") == kept
         assert await alice.get("zz2047") == b""
+
+
+async def test_stats_show_a_tenant_only_its_own_share_of_the_tiers(tmp_path: Path) -> None:
+    """With tenants, /v1/stats showed every tenant the tiers' totals: bob could watch alice's
+    hits, misses, writes and evictions change. Now each sees its own share; totals stay on
+    /metrics for the operator."""
+    block = 256 * KiB
+    tenants = (tenant("alice", ALICE), tenant("bob", BOB))
+    async with (
+        running_gateway(tmp_path, tenants=tenants) as gw,
+        KVGateClient(gw.url, token=ALICE) as alice,
+        KVGateClient(gw.url, token=BOB) as bob,
+        aiohttp.ClientSession() as http,
+    ):
+
+        async def stats(token: str) -> dict[str, Any]:
+            headers = {"Authorization": f"Bearer {token}"}
+            async with http.get(f"{gw.url}/v1/stats", headers=headers) as resp:
+                assert resp.status == 200
+                payload: dict[str, Any] = await resp.json()
+                return payload
+
+        assert await bob.put("mine", os.urandom(block)) is True
+        assert await bob.get("mine") is not None
+        bob_before = await stats(BOB)
+        # Alice works: blocks written (some evicted down), hits, misses, a lease held.
+        for i in range(40):
+            assert await alice.put(f"a{i}", os.urandom(block)) is True
+        for i in range(40):
+            assert await alice.get(f"a{i}") is not None
+        assert await alice.get("absent") is None
+        assert isinstance(await alice.acquire_lease("pending", ttl_ms=5000), Lease)
+        bob_after = await stats(BOB)
+
+        def activity(view: dict[str, Any]) -> tuple[object, ...]:
+            # Where bob's own block lives may change (alice's writes pushed it down a tier: a
+            # shared cache cannot hide that, and X-KV-Tier shows it anyway); nothing else may.
+            tiers = view["tiers"]
+            return (
+                sum(t["blocks"] for t in tiers),
+                sum(t["used_bytes"] for t in tiers),
+                sum(t["hits"] for t in tiers),
+                tiers[-1]["misses"],
+                view["leases"],
+                view["pinned_bytes"],
+                view["pinned_blocks"],
+                view["tenant"],
+            )
+
+        assert activity(bob_after) == activity(bob_before)
+        assert activity(bob_after)[:4] == (1, block, 1, 0)
+        assert bob_after["leases"]["live"] == 0
+        # Capacities are the tiers' own; the device is shown as ever.
+        totals = gw.hierarchy.stats()
+        shown = [(t["name"], t["device"], t["capacity_bytes"]) for t in bob_after["tiers"]]
+        assert shown == [(t.name, t.device, t.capacity_bytes) for t in totals]
+        mine = await stats(ALICE)
+        tiers = mine["tiers"]
+        assert sum(t["blocks"] for t in tiers) == 40
+        assert sum(t["used_bytes"] for t in tiers) == mine["tenant"]["used_bytes"]
+        assert sum(t["hits"] for t in tiers) == 40
+        assert tiers[-1]["misses"] == 1  # the one read no tier served
+        assert sum(t["evictions"] for t in tiers) > 0  # 10 MiB does not fit the 8 MiB hot tier
+        assert mine["leases"]["live"] == 1
+        # Each tenant's blocks are counted once: the shares add up to the tiers' blocks.
+        for i, total in enumerate(totals):
+            assert tiers[i]["blocks"] + bob_after["tiers"][i]["blocks"] <= total.blocks

@@ -661,5 +661,7 @@ async def test_a_tenants_tokens_in_redis_do_not_count_other_tenants_leases(
             assert isinstance(await table.acquire(f"bob/b{i}", 1000), Granted)
         again = await table.acquire("alice/a1", 1000)
         assert isinstance(again, Granted) and again.token == first.token + 1
+        # Each tenant's view of this gateway's leases holds its own only.
+        assert (table.stats("alice").live, table.stats("bob").live, table.stats().live) == (2, 5, 7)
     finally:
         await table.close()
