@@ -352,10 +352,17 @@ class RedisLeaseTable:
     async def announce_delete(self, key: str) -> None:
         """Tell the other gateways that ``key`` was deleted (best effort: a lost message leaves
         a stale local copy of a content-addressed block, never a wrong one)."""
+        await self.announce_deletes([key])
+
+    async def announce_deletes(self, keys: list[str]) -> None:
+        """:meth:`announce_delete` for each of ``keys``, in one round trip."""
         try:
-            await self._client.publish(self.channel, f"D:{self._origin}:{key}")
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.publish(self.channel, f"D:{self._origin}:{key}")
+                await pipe.execute()
         except (RedisError, OSError) as exc:
-            log.warning("could not announce a delete to the other gateways: %s", exc)
+            log.warning("could not announce %d deletes to the other gateways: %s", len(keys), exc)
 
     # -- single-flight -------------------------------------------------------------------------
 

@@ -88,8 +88,11 @@ class Coherence:
         # interleave with another of its writes, or two writes could each fit and both land.
         self._quota_locks: dict[str, asyncio.Lock] = {}
         self._drops: set[asyncio.Task[bool]] = set()
+        self._announcing: set[asyncio.Task[None]] = set()
         if isinstance(leases, RedisLeaseTable):
             leases.on_delete = self._drop_local
+            if hierarchy.shared is not None:
+                hierarchy.shared.on_evict = self._shared_evicted
 
     # -- writes -------------------------------------------------------------------------------
 
@@ -291,6 +294,19 @@ class Coherence:
         if removed and isinstance(self.leases, RedisLeaseTable):
             await self.leases.announce_delete(key)
         return removed
+
+    def _shared_evicted(self, keys: list[str]) -> None:
+        """A put here evicted ``keys`` from the shared tier: they leave every gateway's local
+        tiers too, this one's now and the others' on the delete announcement. The local tiers
+        thus hold a subset of the shared one; a block hot on any gateway stays in it, since
+        local hits refresh the shared recency (docs/remote.md)."""
+        for key in keys:
+            self._drop_local(key)
+        leases = self.leases
+        if isinstance(leases, RedisLeaseTable):
+            task = asyncio.get_running_loop().create_task(leases.announce_deletes(keys))
+            self._announcing.add(task)
+            task.add_done_callback(self._announcing.discard)
 
     def _drop_local(self, key: str) -> None:
         """Another gateway deleted ``key``: drop this gateway's copy too."""

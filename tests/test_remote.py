@@ -665,3 +665,40 @@ async def test_a_tenants_tokens_in_redis_do_not_count_other_tenants_leases(
         assert (table.stats("alice").live, table.stats("bob").live, table.stats().live) == (2, 5, 7)
     finally:
         await table.close()
+
+
+async def test_a_block_evicted_from_the_shared_tier_leaves_every_gateways_local_tiers(
+    tmp_path: Path, redis_url: str, http: aiohttp.ClientSession
+) -> None:
+    """A block Redis evicted stayed in the local tiers of the gateways that had it: another
+    gateway could then store different bytes under the key, and the fleet served two versions
+    of one block."""
+    size = 8192
+    async with AsyncExitStack() as stack:
+        a, b = [
+            await stack.enter_async_context(
+                running_gateway(tmp_path / n, remote=redis_url, remote_bytes=3 * size + 600)
+            )
+            for n in ("a", "b")
+        ]
+        old = os.urandom(size)
+        async with http.put(a.block_url("doc.1"), data=old) as resp:
+            assert resp.status == 201
+        async with http.get(b.block_url("doc.1")) as resp:  # b copies it in from Redis
+            assert resp.status == 200 and await resp.read() == old
+        await b.hierarchy.quiesce()
+        assert b.hierarchy.contains("default/doc.1")
+        for i in (2, 3, 4):  # a's own puts push doc.1 out of the shared tier
+            async with http.put(a.block_url(f"doc.{i}"), data=os.urandom(size)) as resp:
+                assert resp.status == 201
+        shared = a.hierarchy.shared
+        assert shared is not None
+        assert await shared.present(["default/doc.1"]) == [False]
+        await _until(lambda: not a.hierarchy.contains("default/doc.1"))  # its own, at once
+        await _until(lambda: not b.hierarchy.contains("default/doc.1"))  # b's, by pub/sub
+        new = os.urandom(size)
+        async with http.put(b.block_url("doc.1"), data=new) as resp:
+            assert resp.status == 201  # the key is free again: one version fleet-wide
+        for gw in (a, b):
+            async with http.get(gw.block_url("doc.1")) as resp:
+                assert resp.status == 200 and await resp.read() == new

@@ -78,9 +78,10 @@ STAGE_TTL_MS = 60_000
 # ARGV: fence mode ("" | "free" | "token"), token, fence now_ms, capacity, member, block prefix,
 # the new block's expiry ms ("" for none), wall-clock now ms
 _PUT = """
-local function refuse(answer, evicted)
+local gone = {}
+local function refuse(answer)
   redis.call('DEL', KEYS[5])
-  return {answer, evicted}
+  return {answer, #gone, gone}
 end
 local size = redis.call('STRLEN', KEYS[5])
 if size == 0 then return {'lost', 0} end
@@ -89,10 +90,10 @@ if mode ~= '' then
   local rec = redis.call('HMGET', KEYS[4], 'token', 'live', 'deadline_ms')
   if mode == 'free' then
     if rec[2] == '1' and tonumber(rec[3] or '0') > tonumber(ARGV[3]) then
-      return refuse('fenced', 0)
+      return refuse('fenced')
     end
   elseif rec[1] ~= ARGV[2] then
-    return refuse('fenced', 0)
+    return refuse('fenced')
   end
 end
 if redis.call('EXISTS', KEYS[1]) == 1 then
@@ -107,13 +108,12 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
     redis.call('HINCRBY', KEYS[3], 'blocks', -1)
   else
     redis.call('ZADD', KEYS[2], redis.call('HINCRBY', KEYS[3], 'seq', 1), ARGV[5])
-    return refuse('exists', 0)
+    return refuse('exists')
   end
 end
 local cap = tonumber(ARGV[4])
-if size > cap then return refuse('too_large', 0) end
+if size > cap then return refuse('too_large') end
 local used = tonumber(redis.call('HGET', KEYS[3], 'bytes') or '0')
-local evicted = 0
 while used + size > cap do
   local oldest = redis.call('ZRANGE', KEYS[2], 0, 0)
   if #oldest == 0 then break end
@@ -123,13 +123,13 @@ while used + size > cap do
   redis.call('HDEL', KEYS[6], oldest[1])
   if redis.call('DEL', victim) == 1 then
     used = used - vlen
-    evicted = evicted + 1
+    gone[#gone + 1] = oldest[1]
     redis.call('HINCRBY', KEYS[3], 'blocks', -1)
   end
 end
 if used + size > cap then
   redis.call('HSET', KEYS[3], 'bytes', used)
-  return refuse('no_room', evicted)
+  return refuse('no_room')
 end
 redis.call('RENAME', KEYS[5], KEYS[1])
 redis.call('PERSIST', KEYS[1])
@@ -141,8 +141,8 @@ end
 redis.call('ZADD', KEYS[2], redis.call('HINCRBY', KEYS[3], 'seq', 1), ARGV[5])
 redis.call('HSET', KEYS[3], 'bytes', used + size)
 redis.call('HINCRBY', KEYS[3], 'blocks', 1)
-if evicted > 0 then redis.call('HINCRBY', KEYS[3], 'evictions', evicted) end
-return {'stored', evicted}
+if #gone > 0 then redis.call('HINCRBY', KEYS[3], 'evictions', #gone) end
+return {'stored', #gone, gone}
 """
 
 # KEYS: lru, meta; ARGV: member. A read is an access: it refreshes the shared LRU order. XX: a
@@ -246,6 +246,11 @@ class RemoteTier:
         self._used = 0
         self._blocks = 0
         self._evictions = 0
+        self.on_evict: Callable[[list[str]], None] | None = None
+        """Called with the keys a put of this gateway evicted from the shared tier, so the
+        local copies go too (every gateway's: see ``gateway.coherent``). A key kept locally
+        after Redis lost it would let another gateway store different bytes under it, and two
+        versions of one block be served."""
 
     @classmethod
     async def connect(
@@ -392,6 +397,8 @@ class RemoteTier:
             raise TierIOError("remote put failed: Redis dropped the staged frame (maxmemory?)")
         outcome = _OUTCOMES[text]
         self._evictions += int(answer[1])
+        if answer[1] and self.on_evict is not None:
+            self.on_evict([reply_text(member) for member in answer[2]])
         if outcome is PutOutcome.STORED:
             self._used += len(frame)
             self._blocks += 1
