@@ -12,6 +12,15 @@ aiohttp, redis-py, kvgate and the dict server all do more.
 
 ``--target dict`` only picks the HTTP client the scenario uses; the server is this one. See
 docs/perf.md ("The floor for PUT").
+
+With ``--get-bytes N`` it is the floor for GET as well: every GET is answered with an N-byte
+body, its headers and then the body (a memoryview) written to the transport, as kvgate writes a
+pinned block. No lookup, no parser beyond the request line. The bodies are ``--get-keys``
+distinct buffers, picked by the request path: one buffer sent again and again would stay in the
+CPU caches, which no store serving a working set of 64 MiB enjoys.
+
+    python -m loadtest.put_floor --port 8097 --get-bytes 1MiB
+    python -m loadtest.run hot-get --target dict --url http://127.0.0.1:8097 --duration 4
 """
 
 from __future__ import annotations
@@ -19,6 +28,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
+import zlib
+
+from loadtest.sizes import parse_size
 
 _HEAD_LIMIT = 64 * 1024
 _BODY_LIMIT = 64 << 20
@@ -28,7 +41,14 @@ _BAD = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\
 
 
 class _FloorProtocol(asyncio.BufferedProtocol):
-    def __init__(self) -> None:
+    def __init__(self, get_bodies: list[memoryview] | None = None) -> None:
+        self._get_head = (
+            b""
+            if not get_bodies
+            else b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(get_bodies[0])
+        )
+        self._get_bodies = get_bodies
         self._transport: asyncio.Transport | None = None
         self._head = bytearray()
         self._scratch = bytearray(_HEAD_LIMIT)
@@ -73,7 +93,12 @@ class _FloorProtocol(asyncio.BufferedProtocol):
                 return
             if method != b"PUT":
                 self._head = rest
-                self._answer(_OK)
+                if method == b"GET" and self._get_bodies:
+                    self._answer(self._get_head)
+                    path = head.split(b" ", 2)[1]
+                    self._answer(self._get_bodies[zlib.crc32(path) % len(self._get_bodies)])
+                else:
+                    self._answer(_OK)
                 continue
             if length > len(self._body):
                 self._body_view.release()
@@ -87,7 +112,7 @@ class _FloorProtocol(asyncio.BufferedProtocol):
                 return
             self._answer(_CREATED)
 
-    def _answer(self, reply: bytes, *, close: bool = False) -> None:
+    def _answer(self, reply: bytes | memoryview, *, close: bool = False) -> None:
         transport = self._transport
         if transport is None:
             return
@@ -112,9 +137,10 @@ def _request(head: bytes) -> tuple[bytes | None, int | None]:
     return parts[0], length
 
 
-async def _serve(host: str, port: int) -> None:
+async def _serve(host: str, port: int, get_bytes: int, get_keys: int) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(_FloorProtocol, host, port)
+    bodies = [memoryview(os.urandom(get_bytes)) for _ in range(get_keys)] if get_bytes else None
+    server = await loop.create_server(lambda: _FloorProtocol(bodies), host, port)
     async with server:
         await server.serve_forever()
 
@@ -123,9 +149,25 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m loadtest.put_floor", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8097)
+    parser.add_argument(
+        "--get-bytes",
+        type=parse_size,
+        default=0,
+        metavar="SIZE",
+        help="answer every GET with a body of SIZE bytes (0: a 2-byte 'ok', the default)",
+    )
+    parser.add_argument(
+        "--get-keys",
+        type=int,
+        default=64,
+        metavar="N",
+        help="distinct GET bodies, as many as the scenario's keys (64)",
+    )
     args = parser.parse_args(argv)
+    if args.get_keys < 1:
+        parser.error("--get-keys must be at least 1")
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(args.host, args.port))
+        asyncio.run(_serve(args.host, args.port, args.get_bytes, args.get_keys))
 
 
 if __name__ == "__main__":
