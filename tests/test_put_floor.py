@@ -40,3 +40,26 @@ async def test_floor_server_takes_bodies_of_any_split_on_one_connection() -> Non
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_get_floor_answers_each_path_with_its_own_fixed_body() -> None:
+    bodies = [memoryview(os.urandom(70_000)) for _ in range(4)]
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: _FloorProtocol(bodies), "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        connector = aiohttp.TCPConnector(limit=1)
+        async with aiohttp.ClientSession(connector=connector) as http:
+            seen: dict[str, bytes] = {}
+            for key in [f"k{i}" for i in range(16)] * 2:
+                async with http.get(f"{url}/v1/blocks/{key}") as resp:
+                    assert resp.status == 200
+                    data = await resp.read()
+                assert data in {bytes(b) for b in bodies}
+                assert seen.setdefault(key, data) == data  # the same path, the same body
+            assert len(set(seen.values())) > 1  # the paths spread over the buffers
+            async with http.put(f"{url}/v1/blocks/p", data=b"x" * 10) as resp:
+                assert resp.status == 201  # PUTs are still taken in between
+    finally:
+        server.close()
+        await server.wait_closed()
