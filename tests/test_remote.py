@@ -174,12 +174,7 @@ async def test_a_block_hot_on_one_gateway_stays_in_the_shared_tier(
 ) -> None:
     size = 8192
     async with AsyncExitStack() as stack:
-        a, b = [
-            await stack.enter_async_context(
-                running_gateway(tmp_path / n, remote=redis_url, remote_bytes=3 * size + 600)
-            )
-            for n in ("a", "b")
-        ]
+        a, b = await _pair(stack, tmp_path, redis_url, remote_bytes=3 * size + 600)
         for i in (1, 2, 3):
             async with http.put(a.block_url(f"doc.{i}"), data=os.urandom(size)) as resp:
                 assert resp.status == 201
@@ -448,13 +443,13 @@ async def _until(ready: Callable[[], bool]) -> None:
 
 
 async def _pair(
-    stack: AsyncExitStack, tmp_path: Path, url: str
+    stack: AsyncExitStack, tmp_path: Path, url: str, *, remote_bytes: int = 64 << 20
 ) -> tuple[RunningGateway, RunningGateway]:
     a = await stack.enter_async_context(
-        running_gateway(tmp_path / "a", remote=url, remote_bytes=64 << 20, shm=False)
+        running_gateway(tmp_path / "a", remote=url, remote_bytes=remote_bytes, shm=False)
     )
     b = await stack.enter_async_context(
-        running_gateway(tmp_path / "b", remote=url, remote_bytes=64 << 20, shm=False)
+        running_gateway(tmp_path / "b", remote=url, remote_bytes=remote_bytes, shm=False)
     )
     return a, b
 
@@ -675,12 +670,7 @@ async def test_a_block_evicted_from_the_shared_tier_leaves_every_gateways_local_
     of one block."""
     size = 8192
     async with AsyncExitStack() as stack:
-        a, b = [
-            await stack.enter_async_context(
-                running_gateway(tmp_path / n, remote=redis_url, remote_bytes=3 * size + 600)
-            )
-            for n in ("a", "b")
-        ]
+        a, b = await _pair(stack, tmp_path, redis_url, remote_bytes=3 * size + 600)
         old = os.urandom(size)
         async with http.put(a.block_url("doc.1"), data=old) as resp:
             assert resp.status == 201
