@@ -152,9 +152,11 @@ class Hierarchy:
         # Reads the index answered for a tier without asking it: misses all the same.
         self._index_miss_counts = [0] * len(self._tiers)
         self._shared = shared
-        names = [t.name for t in self._tiers]
-        self._usage = TenantUsage(names if shared is None else [*names, shared.name])
         """Below every local tier: written through on put, read on a local miss (``--remote``)."""
+        names = [t.name for t in self._tiers]
+        # What each tenant holds and reads, per tier (the shared tier last): quotas and the
+        # tenant's own /v1/stats.
+        self._usage = TenantUsage(names if shared is None else [*names, shared.name])
         self._persistent = next(
             (i for i in range(len(self._tiers) - 1, -1, -1) if not self._tiers[i].volatile), None
         )
