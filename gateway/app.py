@@ -69,6 +69,7 @@ def tier_settings(config: GatewayConfig) -> TierSettings:
         disk_compression_level=config.disk_compression_level,
         shm_dir=Path(config.shm_dir) if config.shm else None,
         shed_when_disk_behind=config.disk_shed,
+        prefault=config.prefault,
         landing_bytes=config.landing_bytes if config.land_puts else 0,
         remote=None
         if config.remote is None

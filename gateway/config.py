@@ -118,6 +118,10 @@ class GatewayConfig:
     """When every background demotion to disk is busy, drop the victim instead of making the
     writer wait. Off by default: a block acknowledged with 201 should reach disk while the disk
     has room; turn it on to trade that for PUT throughput under sustained write overload."""
+    prefault: bool = True
+    """Page the host arenas in from a background thread at start, so the first fill of the
+    memory tiers does not pay a page fault per 4 KiB written (tiers.arena); ``false`` leaves
+    them to be paged in by their first writes (and the memory uncommitted until then)."""
     land_puts: bool = True
     """Receive the body of a plain ``PUT /v1/blocks/...`` straight into a buffer instead of
     through aiohttp's body stream (gateway.landing); ``false`` sends every byte through aiohttp."""
@@ -171,7 +175,7 @@ _SIZE_FIELDS = frozenset(
 )
 _INT_FIELDS = frozenset({"port", "max_batch_keys", "disk_compression_level", "shm_lease_ms"})
 _FLOAT_FIELDS = frozenset({"shutdown_timeout_s"})
-_BOOL_FIELDS = frozenset({"write_through", "shm", "disk_shed", "land_puts"})
+_BOOL_FIELDS = frozenset({"write_through", "shm", "disk_shed", "land_puts", "prefault"})
 _STR_FIELDS = frozenset(
     {
         "host",

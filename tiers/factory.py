@@ -38,6 +38,8 @@ class TierSettings:
     the first CPU arena: hbm without a GPU, dram with one."""
     shm_dir: Path | None = None
     """Put the CPU arenas in shared memory there (same-host clients map them); None: private."""
+    prefault: bool = False
+    """Page the host arenas in from a background thread at start (tiers.arena)."""
     remote: RemoteSettings | None = None
     """The shared remote tier (Redis) below the local ones; None: this gateway alone."""
 
@@ -69,6 +71,7 @@ async def build_hierarchy(
         "page_bytes": settings.page_bytes,
         "executor": executor,
         "shm_dir": settings.shm_dir,
+        "prefault": settings.prefault,
     }
     gpu = cuda_available()
     if not gpu:
@@ -80,7 +83,11 @@ async def build_hierarchy(
             n // page for n in (settings.hbm_bytes, settings.landing_bytes, settings.dram_bytes)
         )
         arena_kwargs["storage"] = ArenaStorage(
-            "host", pages * page, page_bytes=page, shm_dir=settings.shm_dir
+            "host",
+            pages * page,
+            page_bytes=page,
+            shm_dir=settings.shm_dir,
+            prefault=settings.prefault,
         )
     tiers: list[Tier] = [
         ArenaTier.hbm(

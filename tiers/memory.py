@@ -143,6 +143,7 @@ class ArenaTier:
         executor: Executor | None = None,
         inline_copy_bytes: int = DEFAULT_INLINE_COPY_BYTES,
         shm_dir: Path | None = None,
+        prefault: bool = False,
         landing_bytes: int = 0,
         storage: ArenaStorage | None = None,
     ) -> None:
@@ -167,6 +168,7 @@ class ArenaTier:
                 pin_memory=pin_memory,
                 page_bytes=page_bytes,
                 shm_dir=shm_dir,
+                prefault=prefault,
             )
         storage.commit(npages + landing_pages)
         self._storage = storage
