@@ -207,7 +207,13 @@ def create_app(
         # is older than any this run hands out. The Redis table subscribes to lease events.
         await leases.open([t.name for t in config.tenants] or [DEFAULT_TENANT])
         telemetry.metrics.bind_leases(leases.stats)
-        state.coherence = Coherence(hierarchy, leases, state.pins, metrics=telemetry.metrics)
+        state.coherence = Coherence(
+            hierarchy,
+            leases,
+            state.pins,
+            metrics=telemetry.metrics,
+            remote_inclusive=config.remote_inclusive,
+        )
         try:
             yield
         finally:

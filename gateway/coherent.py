@@ -78,6 +78,7 @@ class Coherence:
         pins: PinTable,
         *,
         metrics: KvgateMetrics | None = None,
+        remote_inclusive: bool = False,
     ) -> None:
         self.hierarchy = hierarchy
         self.leases = leases
@@ -91,7 +92,7 @@ class Coherence:
         self._announcing: set[asyncio.Task[None]] = set()
         if isinstance(leases, RedisLeaseTable):
             leases.on_delete = self._drop_local
-            if hierarchy.shared is not None:
+            if remote_inclusive and hierarchy.shared is not None:
                 hierarchy.shared.on_evict = self._shared_evicted
 
     # -- writes -------------------------------------------------------------------------------
@@ -296,10 +297,10 @@ class Coherence:
         return removed
 
     def _shared_evicted(self, keys: list[str]) -> None:
-        """A put here evicted ``keys`` from the shared tier: they leave every gateway's local
-        tiers too, this one's now and the others' on the delete announcement. The local tiers
-        thus hold a subset of the shared one; a block hot on any gateway stays in it, since
-        local hits refresh the shared recency (docs/remote.md)."""
+        """A put here evicted ``keys`` from the shared tier (``remote_inclusive``): they leave
+        every gateway's local tiers too, this one's now and the others' on the delete
+        announcement. The local tiers thus hold a subset of the shared one; a block hot on any
+        gateway stays in it, since local hits refresh the shared recency (docs/remote.md)."""
         for key in keys:
             self._drop_local(key)
         leases = self.leases

@@ -112,6 +112,11 @@ class GatewayConfig:
     """The shared remote tier's budget (frame bytes), one for all gateways sharing it."""
     remote_prefix: str = "kvgate"
     """Prefix of every Redis key: gateways with the same prefix are one cache."""
+    remote_inclusive: bool = False
+    """A block the shared tier evicts leaves every gateway's local tiers too: one version of
+    each key across the fleet, at the price of local tiers that hold no more than
+    ``remote_bytes``. Off: local copies stay, and another gateway may store other bytes under
+    the key once Redis has forgotten it (docs/remote.md)."""
     shutdown_timeout_s: float = 10.0
     log_level: str = "INFO"
     disk_shed: bool = False
@@ -175,7 +180,9 @@ _SIZE_FIELDS = frozenset(
 )
 _INT_FIELDS = frozenset({"port", "max_batch_keys", "disk_compression_level", "shm_lease_ms"})
 _FLOAT_FIELDS = frozenset({"shutdown_timeout_s"})
-_BOOL_FIELDS = frozenset({"write_through", "shm", "disk_shed", "land_puts", "prefault"})
+_BOOL_FIELDS = frozenset(
+    {"write_through", "shm", "disk_shed", "land_puts", "prefault", "remote_inclusive"}
+)
 _STR_FIELDS = frozenset(
     {
         "host",

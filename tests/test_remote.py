@@ -12,6 +12,7 @@ import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -443,14 +444,11 @@ async def _until(ready: Callable[[], bool]) -> None:
 
 
 async def _pair(
-    stack: AsyncExitStack, tmp_path: Path, url: str, *, remote_bytes: int = 64 << 20
+    stack: AsyncExitStack, tmp_path: Path, url: str, **overrides: Any
 ) -> tuple[RunningGateway, RunningGateway]:
-    a = await stack.enter_async_context(
-        running_gateway(tmp_path / "a", remote=url, remote_bytes=remote_bytes, shm=False)
-    )
-    b = await stack.enter_async_context(
-        running_gateway(tmp_path / "b", remote=url, remote_bytes=remote_bytes, shm=False)
-    )
+    settings: dict[str, Any] = {"remote_bytes": 64 << 20, "shm": False, **overrides}
+    a = await stack.enter_async_context(running_gateway(tmp_path / "a", remote=url, **settings))
+    b = await stack.enter_async_context(running_gateway(tmp_path / "b", remote=url, **settings))
     return a, b
 
 
@@ -662,15 +660,17 @@ async def test_a_tenants_tokens_in_redis_do_not_count_other_tenants_leases(
         await table.close()
 
 
-async def test_a_block_evicted_from_the_shared_tier_leaves_every_gateways_local_tiers(
+async def test_remote_inclusive_a_block_evicted_from_the_shared_tier_leaves_every_gateway(
     tmp_path: Path, redis_url: str, http: aiohttp.ClientSession
 ) -> None:
-    """A block Redis evicted stayed in the local tiers of the gateways that had it: another
-    gateway could then store different bytes under the key, and the fleet served two versions
-    of one block."""
+    """Without it a block Redis evicted stays in the local tiers of the gateways that had it:
+    another gateway can then store different bytes under the key, and the fleet serves two
+    versions of one block."""
     size = 8192
     async with AsyncExitStack() as stack:
-        a, b = await _pair(stack, tmp_path, redis_url, remote_bytes=3 * size + 600)
+        a, b = await _pair(
+            stack, tmp_path, redis_url, remote_bytes=3 * size + 600, remote_inclusive=True
+        )
         old = os.urandom(size)
         async with http.put(a.block_url("doc.1"), data=old) as resp:
             assert resp.status == 201
@@ -692,3 +692,20 @@ async def test_a_block_evicted_from_the_shared_tier_leaves_every_gateways_local_
         for gw in (a, b):
             async with http.get(gw.block_url("doc.1")) as resp:
                 assert resp.status == 200 and await resp.read() == new
+
+
+async def test_by_default_local_copies_outlive_the_shared_tiers_eviction(
+    tmp_path: Path, redis_url: str, http: aiohttp.ClientSession
+) -> None:
+    """The local tiers are not capped at ``remote_bytes``: what Redis evicts stays local."""
+    size = 8192
+    async with AsyncExitStack() as stack:
+        a, _ = await _pair(stack, tmp_path, redis_url, remote_bytes=3 * size + 600)
+        for i in (1, 2, 3, 4):
+            async with http.put(a.block_url(f"doc.{i}"), data=os.urandom(size)) as resp:
+                assert resp.status == 201
+        shared = a.hierarchy.shared
+        assert shared is not None
+        assert await shared.present(["default/doc.1"]) == [False]
+        await a.hierarchy.quiesce()
+        assert a.hierarchy.contains("default/doc.1")
