@@ -251,6 +251,14 @@ async def mooncake_master() -> AsyncIterator[MooncakeEndpoints]:
             )
 
 
+# What tiers.arena logs when paging an arena in ahead has ended, either way.
+PAGED_IN = " paged in in "
+NOT_PAGED_IN = "not paged in ahead"
+_FALSE = frozenset({"0", "false", "no", "off"})
+PREFAULT_WAIT_S = 30.0
+"""How long a started kvgate may page its arenas in before the measurement starts anyway."""
+
+
 @dataclass(frozen=True)
 class KvgateSizes:
     hbm_bytes: str = "256MiB"
@@ -267,7 +275,11 @@ async def kvgate_server(
     timeout_s: float = 60.0,
 ) -> AsyncIterator[str]:
     """``python -m gateway.cli serve`` on a free port with a scratch data dir; yields its URL.
-    ``settings`` are extra ``KVGATE_*`` environment settings of that server only."""
+    ``settings`` are extra ``KVGATE_*`` environment settings of that server only.
+
+    It is ready once ``/readyz`` answers and its host arenas are paged in (the gateway logs
+    that, tiers.arena ``prefault``): a measurement started earlier would share the CPU with the
+    paging in."""
     port = free_port()
     async with scratch_dir("kvgate-serve-") as tmp:
         argv = [
@@ -289,10 +301,34 @@ async def kvgate_server(
             sizes.disk_bytes,
             *extra_args,
         ]
+        serving = http_ok(f"http://127.0.0.1:{port}/readyz")
+        prefault = (settings or {}).get("KVGATE_PREFAULT", "true").lower() not in _FALSE
+
+        serving_since: list[float] = []
+
+        async def ready() -> bool:
+            if not await serving():
+                return False
+            if not prefault:
+                return True
+            log = (tmp / "kvgate.log").read_text(errors="replace")
+            if PAGED_IN in log or NOT_PAGED_IN in log:
+                return True
+            now = asyncio.get_running_loop().time()
+            serving_since[:1] = serving_since[:1] or [now]
+            if now - serving_since[0] < PREFAULT_WAIT_S:
+                return False
+            print(
+                f"warning: kvgate's arenas still paging in after {PREFAULT_WAIT_S:.0f} s; "
+                "measuring anyway",
+                file=sys.stderr,
+            )
+            return True
+
         async with managed(
             "kvgate",
             argv,
-            ready=http_ok(f"http://127.0.0.1:{port}/readyz"),
+            ready=ready,
             workdir=tmp,
             timeout_s=timeout_s,
             env={**_env_with_repo_on_path(), **(settings or {})},

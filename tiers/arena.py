@@ -18,12 +18,16 @@ Pages the kernel already backs are left as they are, so blocks written meanwhile
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import mmap
+import os
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -217,13 +221,32 @@ class ArenaStorage:
         )
 
 
+def _libc_madvise() -> Callable[[int, int, int], int] | None:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return cast(Callable[[int, int, int], int], fn)
+
+
+# Through ctypes, which lets go of the GIL for the call: mmap.madvise holds it, and paging in
+# stalled the event loop for up to 39 ms at a time on this VM (ctypes: at most about 1 ms).
+_MADVISE = _libc_madvise()
+
+
 class _Prefaulter:
     """Pages a host mapping in from a background thread; :meth:`stop` waits for it (one chunk
     at most), so the mapping can then be closed."""
 
     def __init__(self, name: str, mapping: mmap.mmap) -> None:
         self._name = name
-        self._mapping = mapping
+        self._size = len(mapping)
+        # The address only: a ctypes view kept alive would hold the mapping open at close.
+        view = ctypes.c_char.from_buffer(mapping)
+        self._address = ctypes.addressof(view)
+        del view
         self._stopped = threading.Event()
         self._thread = threading.Thread(
             target=self._run, name=f"kvgate-prefault-{name}", daemon=True
@@ -240,16 +263,19 @@ class _Prefaulter:
         return not self._thread.is_alive()
 
     def _run(self) -> None:
-        size = len(self._mapping)
+        size = self._size
         started = time.perf_counter()
         for offset in range(0, size, PREFAULT_CHUNK):
             if self._stopped.is_set():
                 return
             try:
-                self._mapping.madvise(
-                    MADV_POPULATE_WRITE, offset, min(PREFAULT_CHUNK, size - offset)
-                )
-            except (OSError, ValueError) as exc:
+                if _MADVISE is None:
+                    raise OSError("no madvise in the C library")
+                length = min(PREFAULT_CHUNK, size - offset)
+                if _MADVISE(self._address + offset, length, MADV_POPULATE_WRITE) != 0:
+                    errno = ctypes.get_errno()
+                    raise OSError(errno, os.strerror(errno))
+            except OSError as exc:
                 log.info(
                     "arena %s: not paged in ahead (%s); its first writes fault it in",
                     self._name,
