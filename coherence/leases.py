@@ -34,7 +34,7 @@ from coherence.errors import (
     StaleToken,
 )
 from coherence.sched import LoopScheduler, Scheduler, Timer
-from tiers.block import DEFAULT_TENANT, TENANT_SEP, client_key, scoped_key
+from tiers.block import DEFAULT_TENANT, TENANT_SEP, client_key, scoped_key, tenant_of
 from tiers.clock import SYSTEM_CLOCK, Clock
 
 EPOCH_SPAN = 1_000_000
@@ -547,12 +547,6 @@ def time_out(waiters: Iterable[asyncio.Future[WaitOutcome]]) -> int:
             fut.set_result(WaitOutcome.TIMEOUT)
             woken += 1
     return woken
-
-
-def tenant_of(key: str) -> str:
-    """The tenant a scoped key belongs to (``""`` for a key that is not scoped)."""
-    tenant, sep, _ = key.partition(TENANT_SEP)
-    return tenant if sep else ""
 
 
 def _owned_by(lease: _Lease, tenant: str | None) -> bool:

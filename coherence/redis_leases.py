@@ -54,11 +54,10 @@ from coherence.leases import (
     WaitOutcome,
     WritePermit,
     clamp_ttl,
-    tenant_of,
     time_out,
 )
 from coherence.sched import LoopScheduler, Scheduler
-from tiers.block import TENANT_SEP, client_key
+from tiers.block import TENANT_SEP, client_key, tenant_of
 from tiers.clock import SYSTEM_CLOCK, Clock
 from tiers.remote import DEFAULT_PREFIX, Fence
 from tiers.remote import reply_text as _text

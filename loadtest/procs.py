@@ -251,10 +251,6 @@ async def mooncake_master() -> AsyncIterator[MooncakeEndpoints]:
             )
 
 
-# What tiers.arena logs when paging an arena in ahead has ended, either way.
-PAGED_IN = " paged in in "
-NOT_PAGED_IN = "not paged in ahead"
-_FALSE = frozenset({"0", "false", "no", "off"})
 PREFAULT_WAIT_S = 30.0
 """How long a started kvgate may page its arenas in before the measurement starts anyway."""
 
@@ -301,22 +297,24 @@ async def kvgate_server(
             sizes.disk_bytes,
             *extra_args,
         ]
-        serving = http_ok(f"http://127.0.0.1:{port}/readyz")
-        prefault = (settings or {}).get("KVGATE_PREFAULT", "true").lower() not in _FALSE
+        # Here, not at the top: tiers.arena brings torch, which most of the harness never needs.
+        from gateway.config import load_config
+        from tiers.arena import PREFAULT_ENDED
 
-        serving_since: list[float] = []
+        serving = http_ok(f"http://127.0.0.1:{port}/readyz")
+        # Read as the gateway reads its settings: the same names, the same spellings of false.
+        prefault = load_config(environ=dict(settings or {})).prefault
+        give_up_at: float | None = None
 
         async def ready() -> bool:
+            nonlocal give_up_at
             if not await serving():
                 return False
-            if not prefault:
-                return True
-            log = (tmp / "kvgate.log").read_text(errors="replace")
-            if PAGED_IN in log or NOT_PAGED_IN in log:
+            if not prefault or PREFAULT_ENDED in (tmp / "kvgate.log").read_text(errors="replace"):
                 return True
             now = asyncio.get_running_loop().time()
-            serving_since[:1] = serving_since[:1] or [now]
-            if now - serving_since[0] < PREFAULT_WAIT_S:
+            give_up_at = give_up_at or now + PREFAULT_WAIT_S
+            if now < give_up_at:
                 return False
             print(
                 f"warning: kvgate's arenas still paging in after {PREFAULT_WAIT_S:.0f} s; "

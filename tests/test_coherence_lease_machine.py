@@ -26,10 +26,9 @@ from coherence.leases import (
     LeaseTable,
     MemoryTokenStore,
     WaitOutcome,
-    tenant_of,
 )
 from coherence.sched import FakeScheduler
-from tiers.block import scoped_key
+from tiers.block import scoped_key, tenant_of
 from tiers.clock import FakeClock
 
 KEYS = [scoped_key("a", "k0"), scoped_key("a", "k1"), scoped_key("b", "k0")]

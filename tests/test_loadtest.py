@@ -331,7 +331,8 @@ async def test_shm_target_sends_waiting_calls_in_concurrent_batches_of_shm_batch
 
 
 async def test_a_started_kvgate_is_measured_only_once_its_arenas_are_paged_in() -> None:
-    from loadtest.procs import PAGED_IN, KvgateSizes, kvgate_server
+    from loadtest.procs import KvgateSizes, kvgate_server
+    from tiers.arena import PREFAULT_ENDED
 
     def serve_dirs() -> set[Path]:  # the harness's scratch dirs (a listing, no waiting)
         return set(Path(tempfile.gettempdir()).glob("kvgate-serve-*"))
@@ -343,4 +344,5 @@ async def test_a_started_kvgate_is_measured_only_once_its_arenas_are_paged_in() 
         async with aiohttp.ClientSession() as http, http.get(f"{url}/readyz") as resp:
             assert resp.status == 200
         (mine,) = serve_dirs() - before
-        assert PAGED_IN in (mine / "kvgate.log").read_text(errors="replace")
+        # The line of a finished paging in, not of a refused one.
+        assert f"MiB {PREFAULT_ENDED} in" in (mine / "kvgate.log").read_text(errors="replace")

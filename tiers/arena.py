@@ -41,6 +41,9 @@ DEFAULT_PAGE_BYTES = 64 * 1024
 MADV_POPULATE_WRITE = 23
 """Linux 5.14+; Python's mmap module has no name for it. Older kernels refuse it (EINVAL): the
 arena is then paged in by its first writes, as without ``prefault``."""
+PREFAULT_ENDED = "paged in"
+"""In both log lines that end the paging in (done, or refused): what a watcher of the log
+waits for (loadtest.procs)."""
 PREFAULT_CHUNK = 16 * 1024 * 1024
 """Small enough that closing the arena (which waits for the chunk in progress) stays short:
 tens of milliseconds on a VM that pages memory in at 0.5 GB/s."""
@@ -277,15 +280,17 @@ class _Prefaulter:
                     raise OSError(errno, os.strerror(errno))
             except OSError as exc:
                 log.info(
-                    "arena %s: not paged in ahead (%s); its first writes fault it in",
+                    "arena %s: not %s ahead (%s); its first writes fault it in",
                     self._name,
+                    PREFAULT_ENDED,
                     exc,
                 )
                 return
         log.info(
-            "arena %s: %.0f MiB paged in in %.1f s",
+            "arena %s: %.0f MiB %s in %.1f s",
             self._name,
             size / (1 << 20),
+            PREFAULT_ENDED,
             time.perf_counter() - started,
         )
 

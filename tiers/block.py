@@ -22,6 +22,13 @@ def client_key(scoped: str) -> str:
     return key if sep else tenant
 
 
+def tenant_of(scoped: str) -> str:
+    """The tenant a scoped key belongs to; ``""`` for a key that is not scoped (where
+    :func:`split_key` would take the whole key for the tenant)."""
+    tenant, sep, _ = scoped.partition(TENANT_SEP)
+    return tenant if sep else ""
+
+
 def split_key(scoped: str) -> tuple[str, str]:
     tenant, _, key = scoped.partition(TENANT_SEP)
     return tenant, key
