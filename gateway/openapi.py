@@ -221,6 +221,9 @@ def build_spec(*, version: str = "0.1.0") -> dict[str, Any]:
         "/v1/stats": {
             "get": {
                 "summary": "Per-tier statistics, hottest tier first",
+                "description": "With tenants configured, every number is the caller's own "
+                "share (its bytes, blocks, reads, evictions, pins and leases); capacities are "
+                "the tiers' own. Totals are on /metrics.",
                 "responses": {"200": _json(_ref("Stats"), "stats"), **_errors(401, 403)},
             }
         },
