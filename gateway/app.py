@@ -169,11 +169,17 @@ def create_app(
     )
     app[STATE] = state
     telemetry = telemetry if telemetry is not None else Telemetry()
+
+    async def summary_scope(request: web.Request) -> str | None:
+        # Tenants share the tiers: each sees its own figures, as on /v1/stats.
+        ctx = await state.resolve(request)
+        return ctx.tenant if config.auth_enabled else None
+
     # Installed first: its middleware wraps everything, its cleanup runs after the tiers close.
     install_telemetry(
         app,
         telemetry,
-        authorize=state.resolve,
+        scope=summary_scope,
         metrics_token_sha256=config.metrics_token_sha256,
     )
     telemetry.bind_hierarchy(lambda: state.hierarchy)

@@ -13,14 +13,16 @@ and lease gauges are read at scrape time from the bound sources, never tracked t
 Lease metrics (coherence): the gateway records events with :meth:`KvgateMetrics.lease_event`
 (``"granted"``, ``"conflict"``, ``"stale"``, ``"expired"``, ``"released"``, ``"committed"``),
 waits with :meth:`KvgateMetrics.lease_wait`, and binds the live/waiters gauges once with
-:meth:`KvgateMetrics.bind_leases` (anything with ``live`` and ``waiters`` integer attributes,
-e.g. ``coherence.leases.LeaseTable.stats``).
+:meth:`KvgateMetrics.bind_leases` (a callable taking a tenant or None and answering anything
+with ``live`` and ``waiters`` integer attributes, e.g. ``coherence.leases.LeaseTable.stats``).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -49,7 +51,8 @@ class LeaseGauges(Protocol):
 
 
 HierarchySource = Callable[[], Hierarchy | None]
-LeaseSource = Callable[[], LeaseGauges | None]
+# Called with None for all leases, or a tenant for that tenant's own (``LeaseTable.stats``).
+LeaseSource = Callable[[str | None], LeaseGauges | None]
 
 
 class KvgateMetrics:
@@ -59,7 +62,7 @@ class KvgateMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._started = time.time()
         self._hierarchy: HierarchySource = _none
-        self._leases: LeaseSource = _none
+        self._leases: LeaseSource = _no_leases
         reg = self.registry
         self._get_seconds = Histogram(
             "kvgate_tier_get_seconds",
@@ -115,6 +118,10 @@ class KvgateMetrics:
         self._hit_children: dict[str, Any] = {}
         self._miss_children: dict[str, Any] = {}
         self._read_children: dict[tuple[str, str], Any] = {}
+        # The same latencies per tenant, for a tenant's own summary only: not on /metrics,
+        # where a tenant label would multiply every histogram's series by the tenant count.
+        self._tenant_get = _TenantHistograms()
+        self._tenant_put = _TenantHistograms()
         self._otel = _OtelInstruments(meter, self) if meter is not None else None
 
     # -- sources read at scrape time -------------------------------------------------------
@@ -124,29 +131,31 @@ class KvgateMetrics:
         self._hierarchy = source
 
     def bind_leases(self, source: LeaseSource) -> None:
-        """Where to read the lease gauges from: ``lambda: table.stats()`` or ``None``."""
+        """Where to read the lease gauges from: ``table.stats`` (called with a tenant or None)."""
         self._leases = source
 
     def hierarchy(self) -> Hierarchy | None:
         return self._hierarchy()
 
-    def leases(self) -> LeaseGauges | None:
-        return self._leases()
+    def leases(self, tenant: str | None = None) -> LeaseGauges | None:
+        return self._leases(tenant)
 
     # -- TierObserver ----------------------------------------------------------------------
 
-    def tier_get(self, tier: str, seconds: float | None, hit: bool) -> None:
+    def tier_get(self, tier: str, seconds: float | None, hit: bool, *, tenant: str) -> None:
         if hit:
             _child(self._hit_children, self._hits, tier).inc()
         else:
             _child(self._miss_children, self._misses, tier).inc()
         if seconds is not None:
             _child(self._get_children, self._get_seconds, tier).observe(seconds)
+            self._tenant_get.observe(tenant, tier, seconds)
         if self._otel is not None:
             self._otel.tier_get(tier, seconds, hit)
 
-    def tier_put(self, tier: str, seconds: float, outcome: str) -> None:
+    def tier_put(self, tier: str, seconds: float, outcome: str, *, tenant: str) -> None:
         _child(self._put_children, self._put_seconds, tier).observe(seconds)
+        self._tenant_put.observe(tenant, tier, seconds)
         self._puts.labels(tier, outcome).inc()
         if self._otel is not None:
             self._otel.tier_put(tier, seconds, outcome)
@@ -183,18 +192,33 @@ class KvgateMetrics:
 
     # -- the JSON summary behind the dashboard ---------------------------------------------
 
-    def summary(self) -> dict[str, Any]:
-        """Per-tier levels, hits, misses and latency percentiles; overall hit ratio."""
-        get_hist = _histograms(self._get_seconds.collect())
-        put_hist = _histograms(self._put_seconds.collect())
-        hits = _counter_values(self._hits.collect(), "tier")
-        misses = _counter_values(self._misses.collect(), "tier")
-        tiers: list[dict[str, object]] = []
+    def summary(self, tenant: str | None = None) -> dict[str, Any]:
+        """Per-tier levels, hits, misses and latency percentiles; overall hit ratio.
+
+        With ``tenant``, every figure is that tenant's own (as ``/v1/stats`` shows a tenant):
+        its bytes and blocks per tier, its reads, moves and tier latencies, its leases.
+        Capacities stay the tiers' own.
+        """
         hierarchy = self._hierarchy()
+        if tenant is None:
+            get_hist = _histograms(self._get_seconds.collect())
+            put_hist = _histograms(self._put_seconds.collect())
+            hits = _counter_values(self._hits.collect(), "tier")
+            misses = _counter_values(self._misses.collect(), "tier")
+            levels = [] if hierarchy is None else hierarchy.stats()
+        else:
+            get_hist = self._tenant_get.of(tenant)
+            put_hist = self._tenant_put.of(tenant)
+            levels = [] if hierarchy is None else hierarchy.tenant_stats(tenant)
+            # A tenant's reads per tier are what the hierarchy counts for it (the totals'
+            # hits/misses include index answers, which the tenant's misses already count).
+            hits = {s.name: float(s.hits) for s in levels}
+            misses = {s.name: float(s.misses) for s in levels}
+        tiers: list[dict[str, object]] = []
         if hierarchy is not None:
-            promotions = hierarchy.promotions()
-            demotions = hierarchy.demotions()
-            for stats in hierarchy.stats():
+            promotions = hierarchy.promotions(tenant)
+            demotions = hierarchy.demotions(tenant)
+            for stats in levels:
                 entry = stats.as_json()
                 name = stats.name
                 h, m = hits.get(name, 0.0), misses.get(name, 0.0)
@@ -214,11 +238,13 @@ class KvgateMetrics:
                 tiers.append(entry)
         served: dict[str, float] = {}
         for sample in _samples(self._reads.collect(), "_total"):
+            if tenant is not None and sample.labels["tenant"] != tenant:
+                continue
             tier = sample.labels["tier"]
             served[tier] = served.get(tier, 0.0) + sample.value
         missed = served.pop(MISS, 0.0)
         found = sum(served.values())
-        leases = self._leases()
+        leases = self._leases(tenant)
         return {
             "uptime_s": round(time.time() - self._started, 3),
             "tiers": tiers,
@@ -235,6 +261,42 @@ class KvgateMetrics:
 
 def _none() -> None:
     return None
+
+
+def _no_leases(tenant: str | None) -> None:
+    return None
+
+
+class _TenantHistograms:
+    """Latency histograms keyed by (tenant, tier), on :data:`LATENCY_BUCKETS`: a bisect and two
+    additions per observation, read back as :func:`_histograms` reads a Prometheus family."""
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, str], list[int]] = {}
+        self._sums: dict[tuple[str, str], float] = {}
+
+    def observe(self, tenant: str, tier: str, seconds: float) -> None:
+        label = (tenant, tier)
+        counts = self._counts.get(label)
+        if counts is None:
+            counts = self._counts[label] = [0] * (len(LATENCY_BUCKETS) + 1)  # the last: +Inf
+            self._sums[label] = 0.0
+        counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1  # le: a bound holds values <= it
+        self._sums[label] += seconds
+
+    def of(self, tenant: str) -> dict[str, tuple[list[tuple[float, float]], float]]:
+        """tier -> (cumulative buckets [(upper bound, count)], sum), for ``tenant`` only."""
+        out: dict[str, tuple[list[tuple[float, float]], float]] = {}
+        bounds = (*LATENCY_BUCKETS, math.inf)
+        for (owner, tier), counts in self._counts.items():
+            if owner != tenant:
+                continue
+            cumulative = list(itertools.accumulate(counts))
+            out[tier] = (
+                [(b, float(c)) for b, c in zip(bounds, cumulative, strict=True)],
+                self._sums[(owner, tier)],
+            )
+        return out
 
 
 def _child(cache: dict[str, Any], metric: Any, label: str) -> Any:

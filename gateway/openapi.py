@@ -232,7 +232,10 @@ def build_spec(*, version: str = "0.1.0") -> dict[str, Any]:
                 "summary": "Latency percentiles per tier, hits, misses and the hit ratio (JSON)",
                 "description": "What the dashboard polls: per-tier levels (as /v1/stats), "
                 "hits and misses as the hierarchy sees them, get/put latency percentiles "
-                "(ms, since start) and the overall read hit ratio.",
+                "(ms, since start) and the overall read hit ratio. With tenants configured "
+                "a tenant reads only its own figures (as on /v1/stats: its blocks, reads, "
+                "moves, the latency of its own reads and writes, its leases); the metrics "
+                "token reads the totals.",
                 "responses": {
                     "200": _json(_ref("MetricsSummary"), "summary"),
                     **_errors(401, 403),
@@ -243,7 +246,8 @@ def build_spec(*, version: str = "0.1.0") -> dict[str, Any]:
             "get": {
                 "summary": "Live dashboard (one self-contained HTML page)",
                 "description": "Polls /v1/stats and /v1/metrics/summary. With tenants "
-                "configured, open it as /dashboard#token=TOKEN.",
+                "configured, open it as /dashboard#token=TOKEN (a tenant's token: its own "
+                "figures; the metrics token: the totals).",
                 "responses": {
                     "200": {
                         "description": "HTML",

@@ -55,6 +55,7 @@ from opentelemetry.sdk.trace.sampling import Sampler
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from coherence.errors import Forbidden, Unauthorized
 from coherence.tenants import Tenant, TenantRegistry
 from gateway.metrics import HierarchySource, KvgateMetrics
 from tiers.block import split_key
@@ -77,7 +78,9 @@ STATIC_DIR = Path(__file__).with_name("static")
 DASHBOARD_FILE = STATIC_DIR / "dashboard.html"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Authorize = Callable[[web.Request], Awaitable[object]]
+# Authenticates a /v1/metrics/summary caller (raising 401/403) and names whose figures it may
+# see: a tenant's own, or None for the totals (no tenants configured).
+SummaryScope = Callable[[web.Request], Awaitable[str | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,7 +297,7 @@ async def traced_lease_wait(metrics: KvgateMetrics, scoped_key: str, waiting: Aw
 # -- app wiring -------------------------------------------------------------------------------
 
 TELEMETRY = web.AppKey("kvgate_telemetry", Telemetry)
-_AUTHORIZE = web.AppKey("kvgate_telemetry_authorize", object)
+_SCOPE = web.AppKey[SummaryScope | None]("kvgate_telemetry_scope")
 _SCRAPER = web.AppKey[TenantRegistry | None]("kvgate_telemetry_scraper")
 
 
@@ -302,18 +305,19 @@ def install(
     app: web.Application,
     telemetry: Telemetry,
     *,
-    authorize: Authorize | None = None,
+    scope: SummaryScope | None = None,
     metrics_token_sha256: str | None = None,
 ) -> None:
     """Add the middleware (outermost), ``/metrics``, ``/dashboard`` and ``/v1/metrics/summary``.
 
-    ``authorize`` guards the ``/v1/`` route like every other ``/v1/`` call (the gateway passes its
-    request-context resolver). ``/metrics`` is open unless ``metrics_token_sha256`` names the
-    scraper's bearer token; the dashboard page itself is static and always open.
+    ``scope`` guards the ``/v1/`` route like every other ``/v1/`` call and scopes its answer to
+    the caller's tenant; without it the summary shows totals to anyone. ``/metrics`` is open
+    unless ``metrics_token_sha256`` names the scraper's bearer token, which also reads the
+    summary's totals. The dashboard page itself is static and always open.
     The pipelines are flushed and shut down when the app cleans up.
     """
     app[TELEMETRY] = telemetry
-    app[_AUTHORIZE] = authorize
+    app[_SCOPE] = scope
     app[_SCRAPER] = (
         None
         if metrics_token_sha256 is None
@@ -342,10 +346,21 @@ async def metrics_handler(request: web.Request) -> web.Response:
 
 
 async def summary_handler(request: web.Request) -> web.Response:
-    authorize = request.app[_AUTHORIZE]
-    if authorize is not None:
-        await authorize(request)  # type: ignore[operator]
-    return web.json_response(request.app[TELEMETRY].metrics.summary())
+    tenant: str | None = None
+    scraper = request.app[_SCRAPER]
+    scope = request.app[_SCOPE]
+    if scope is not None and not (scraper is not None and _is_scraper(scraper, request)):
+        tenant = await scope(request)  # 401 / 403 when refused
+    return web.json_response(request.app[TELEMETRY].metrics.summary(tenant))
+
+
+def _is_scraper(scraper: TenantRegistry, request: web.Request) -> bool:
+    """Whether the request bears the metrics token: the operator's, which reads the totals."""
+    try:
+        scraper.authenticate(request.headers.get("Authorization"))
+    except (Unauthorized, Forbidden):
+        return False
+    return True
 
 
 async def dashboard_handler(request: web.Request) -> web.Response:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import shutil
 from html.parser import HTMLParser
@@ -13,7 +14,10 @@ import pytest
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from gateway.client import KVGateClient
+from gateway.config import TenantConfig
 from gateway.telemetry import Telemetry, TelemetryConfig
+from tests.conftest import running_gateway
 from tests.obskit import BLOCK, Served, build_app, quiesce, serve
 from tests.tierkit import payload
 
@@ -183,3 +187,42 @@ async def test_dashboard_is_served_self_contained(tmp_path: Path) -> None:
     # No build step, no CDN: nothing is loaded from anywhere else.
     assert "http://" not in html.replace("http://www.w3.org/2000/svg", "")
     assert "https://" not in html and "<script src" not in html and "<link" not in html
+
+
+@needs_browser
+async def test_the_metrics_token_shows_the_operator_the_totals(tmp_path: Path) -> None:
+    # With tenants, a tenant's token shows its own figures; the operator opens the dashboard
+    # with the metrics token, which /v1/stats refuses: the page draws the totals from the
+    # summary alone.
+    tenants = tuple(
+        TenantConfig(n, hashlib.sha256(f"{n}-token".encode()).hexdigest()) for n in ("a", "b")
+    )
+    digest = hashlib.sha256(b"ops-token").hexdigest()
+    async with running_gateway(
+        tmp_path / "data", tenants=tenants, metrics_token_sha256=digest
+    ) as gw:
+        for name, count in (("a", 3), ("b", 2)):
+            async with KVGateClient(gw.url, token=f"{name}-token") as client:
+                for i in range(count):
+                    assert await client.put(f"k{i}", payload(f"{name}{i}", BLOCK)) is True
+                    assert await client.get(f"k{i}") is not None
+        await gw.hierarchy.quiesce()
+        totals = gw.hierarchy.stats()
+        pages = {}
+        for token in ("ops-token", "b-token"):
+            dom = await run_browser(
+                tmp_path / f"profile-{token}",
+                "--virtual-time-budget=4000",
+                "--dump-dom",
+                f"{gw.url}/dashboard#interval=250&token={token}",
+            )
+            pages[token] = page = Cells()
+            page.feed(dom.decode())
+            assert page.body.get("data-ready") == "1", f"no poll rendered with {token}"
+    ops, bob = pages["ops-token"], pages["b-token"]
+    assert sum(int(ops.rows[(t.name, "")]["blocks"]) for t in totals) == 5
+    for t in totals:
+        assert ops.rows[(t.name, "")]["blocks"] == str(t.blocks)
+    assert ops.ids["reads-total"] == "5"
+    assert sum(int(bob.rows[(t.name, "")]["blocks"]) for t in totals) == 2
+    assert bob.ids["reads-total"] == "2"

@@ -543,3 +543,90 @@ async def test_stats_show_a_tenant_only_its_own_share_of_the_tiers(tmp_path: Pat
         # Each tenant's blocks are counted once: the shares add up to the tiers' blocks.
         for i, total in enumerate(totals):
             assert tiers[i]["blocks"] + bob_after["tiers"][i]["blocks"] <= total.blocks
+
+
+async def test_the_metrics_summary_shows_a_tenant_only_its_own_figures(tmp_path: Path) -> None:
+    """/v1/metrics/summary (the dashboard's feed) answered every tenant with the totals: tier
+    levels, hit and miss counts, per-tier latency counts and percentiles, leases. Now a tenant
+    reads its own figures there as on /v1/stats; the metrics token reads the totals."""
+    block = 256 * KiB
+    tenants = (tenant("alice", ALICE), tenant("bob", BOB))
+    digest = hashlib.sha256(b"scraper").hexdigest()
+    async with (
+        running_gateway(tmp_path, tenants=tenants, metrics_token_sha256=digest) as gw,
+        KVGateClient(gw.url, token=ALICE) as alice,
+        KVGateClient(gw.url, token=BOB) as bob,
+        aiohttp.ClientSession() as http,
+    ):
+
+        async def summary(token: str | None, status: int = 200) -> dict[str, Any]:
+            headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+            async with http.get(f"{gw.url}/v1/metrics/summary", headers=headers) as resp:
+                assert resp.status == status
+                payload: dict[str, Any] = await resp.json()
+                return payload
+
+        assert await bob.put("mine", os.urandom(block)) is True
+        assert await bob.get("mine") is not None
+        bob_before = await summary(BOB)
+        for i in range(40):
+            assert await alice.put(f"a{i}", os.urandom(block)) is True
+        for i in range(40):
+            assert await alice.get(f"a{i}") is not None
+        assert await alice.get("absent") is None
+        assert isinstance(await alice.acquire_lease("pending", ttl_ms=5000), Lease)
+        await gw.hierarchy.quiesce()
+        bob_after = await summary(BOB)
+
+        def activity(view: dict[str, Any]) -> tuple[object, ...]:
+            tiers = view["tiers"]
+            return (
+                sum(t["blocks"] for t in tiers),
+                sum(t["used_bytes"] for t in tiers),
+                [(t["hits"], t["misses"], t["tier_hits"], t["tier_misses"]) for t in tiers],
+                [(t["get"]["count"], t["get"]["p50_ms"]) for t in tiers],
+                [t["promotions"] for t in tiers],
+                view["reads"],
+                view["leases"],
+            )
+
+        # Only where bob's block lives may change (alice's writes push it down: a demotion,
+        # which is a store into the tier below): his reads, latencies and leases stay put.
+        before, after = activity(bob_before), activity(bob_after)
+        assert after == before
+        assert after[:2] == (1, block)
+
+        def moved(view: dict[str, Any]) -> tuple[int, int]:
+            tiers = view["tiers"]
+            return sum(t["demotions"] for t in tiers), sum(t["put"]["count"] for t in tiers)
+
+        demoted, stored = (a - b for a, b in zip(moved(bob_after), moved(bob_before), strict=True))
+        assert stored == demoted
+        assert bob_after["reads"] == {
+            "total": 1, "hits": 1, "misses": 0, "hit_ratio": 1.0, "by_tier": {"hbm": 1}
+        }  # fmt: skip
+        assert bob_after["leases"] == {"live": 0, "waiters": 0}
+        shown = [(t["name"], t["capacity_bytes"]) for t in bob_after["tiers"]]
+        assert shown == [(t.name, t.capacity_bytes) for t in gw.hierarchy.stats()]
+        # Alice sees her own work.
+        mine = await summary(ALICE)
+        assert sum(t["blocks"] for t in mine["tiers"]) == 40
+        assert mine["reads"]["total"] == 41 and mine["reads"]["hits"] == 40
+        assert mine["leases"]["live"] == 1
+        assert sum(t["put"]["count"] for t in mine["tiers"]) >= 40
+        assert sum(t["demotions"] for t in mine["tiers"]) > 0
+        # The operator's token reads the totals: both tenants' reads and blocks.
+        totals = await summary("scraper")
+        assert totals["reads"]["total"] == 42
+        assert sum(t["blocks"] for t in totals["tiers"]) == sum(
+            t.blocks for t in gw.hierarchy.stats()
+        )
+        assert totals["leases"]["live"] == 1
+        get_counts = [t["get"]["count"] for t in totals["tiers"]]
+        assert get_counts == [
+            a["get"]["count"] + b["get"]["count"]
+            for a, b in zip(mine["tiers"], bob_after["tiers"], strict=True)
+        ]
+        # Strangers get nothing.
+        assert (await summary(None, 401))["error"] == "unauthorized"
+        assert (await summary("nope", 403))["error"] == "forbidden"

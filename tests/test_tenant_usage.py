@@ -67,6 +67,10 @@ async def _run(ops: list[tuple[str, str, int]]) -> None:
     totals = h.stats()
     for i, total in enumerate(totals):
         assert sum(h.tenant_stats(t)[i].blocks for t in TENANTS) == total.blocks
+    # Every promotion and demotion is some tenant's: theirs add up to the tiers' own.
+    for moves in (h.promotions, h.demotions):
+        mine = [moves(t) for t in TENANTS]
+        assert {n: sum(m[n] for m in mine) for n in moves()} == moves()
 
 
 @settings(max_examples=60, deadline=None)

@@ -397,8 +397,9 @@ class Hierarchy:
             return None if hit is None else PinnedHit(HeldBlock(hit.block), hit.tier)
         idx = loc.tier
         self._index_misses(key, idx)
-        self.observer.tier_get(name, 0.0, True)
-        self._note_read(split_key(key)[0], name)
+        tenant = split_key(key)[0]
+        self.observer.tier_get(name, 0.0, True, tenant=tenant)
+        self._note_read(tenant, name)
         self._touch(self._access(key), idx)
         if self._shared is not None:
             self._shared.note_access(key)
@@ -508,7 +509,12 @@ class Hierarchy:
                 note_failure(span, exc, what="put")
                 remote = None
             label = "failed" if remote is None else remote.value
-            self.observer.tier_put(shared.name, self._clock.monotonic() - started, label)
+            self.observer.tier_put(
+                shared.name,
+                self._clock.monotonic() - started,
+                label,
+                tenant=split_key(key)[0],
+            )
             if span.is_recording():
                 span.set_attribute(ATTR_OUTCOME, label)
         if remote is PutOutcome.FENCED:
@@ -532,7 +538,12 @@ class Hierarchy:
                 log.warning("tier %s failed reading a block; answering a miss: %s", tier.name, exc)
                 note_failure(span, exc, what="get")
                 block = None
-            self.observer.tier_get(tier.name, self._clock.monotonic() - started, block is not None)
+            self.observer.tier_get(
+                tier.name,
+                self._clock.monotonic() - started,
+                block is not None,
+                tenant=split_key(key)[0],
+            )
             if span.is_recording():
                 span.set_attribute(ATTR_HIT, block is not None)
                 if block is not None:
@@ -602,7 +613,7 @@ class Hierarchy:
             outcome = await self._store_at(i, key, block, reservation)
             if outcome is PutOutcome.STORED:
                 if key in self._index:
-                    self._relocate(key, self._index[key], i)
+                    self._relocate(key, self._index[key], i, counted=False)
                 else:
                     # No await since the tier stored it: the check and the index entry that
                     # makes the block visible happen in one step of the event loop.
@@ -760,11 +771,15 @@ class Hierarchy:
         except TierError as exc:
             log.warning("remote tier failed its stats; showing the last ones: %s", exc)
 
-    def promotions(self) -> dict[str, int]:
-        return {t.name: n for t, n in zip(self._tiers, self._promotions, strict=True)}
+    def promotions(self, tenant: str | None = None) -> dict[str, int]:
+        """Blocks promoted out of each tier: all of them, or only ``tenant``'s."""
+        counts = self._promotions if tenant is None else self._usage.promotions(tenant)
+        return {t.name: n for t, n in zip(self._tiers, counts, strict=False)}
 
-    def demotions(self) -> dict[str, int]:
-        return {t.name: n for t, n in zip(self._tiers, self._demotions, strict=True)}
+    def demotions(self, tenant: str | None = None) -> dict[str, int]:
+        """Blocks demoted out of each tier: all of them, or only ``tenant``'s."""
+        counts = self._demotions if tenant is None else self._usage.demotions(tenant)
+        return {t.name: n for t, n in zip(self._tiers, counts, strict=False)}
 
     def shed_counts(self) -> dict[str, int]:
         """Victims dropped instead of demoted because the disk was behind, per source tier."""
@@ -824,9 +839,14 @@ class Hierarchy:
         self._index[key] = loc
         self._usage.hold(split_key(key)[0], loc.tier, self.charge_of(loc.size))
 
-    def _relocate(self, key: str, loc: _Loc, tier: int) -> None:
-        """``key`` now lives in ``tier`` (every move of an index entry is made here)."""
-        self._usage.move(split_key(key)[0], loc.tier, tier, self.charge_of(loc.size))
+    def _relocate(self, key: str, loc: _Loc, tier: int, *, counted: bool = True) -> None:
+        """``key`` now lives in ``tier`` (every move of an index entry is made here). A counted
+        move is a promotion or a demotion out of the tier it left; an uncounted one is a write
+        settling where it landed."""
+        src = loc.tier
+        self._usage.move(split_key(key)[0], src, tier, self.charge_of(loc.size), counted=counted)
+        if counted and tier != src:
+            (self._promotions if tier < src else self._demotions)[src] += 1
         loc.tier = tier
 
     def _note_read(self, tenant: str, tier: str | None) -> None:
@@ -850,9 +870,10 @@ class Hierarchy:
         """Tiers ``[0, upto)`` miss: the index says so, none of them is touched."""
         observer = self.observer
         counts = self._index_miss_counts
+        tenant = split_key(key)[0]
         for i, tier in enumerate(self._tiers[:upto]):
             counts[i] += 1
-            observer.tier_get(tier.name, None, False)
+            observer.tier_get(tier.name, None, False, tenant=tenant)
         if upto and recording():
             # One span per tier all the same, so a trace shows where the read went looking.
             for tier in self._tiers[:upto]:
@@ -909,7 +930,12 @@ class Hierarchy:
                 log.warning("tier %s failed storing a block: %s", tier.name, exc)
                 note_failure(span, exc, what="put")
                 return PutOutcome.NO_ROOM
-            self.observer.tier_put(tier.name, self._clock.monotonic() - started, outcome.value)
+            self.observer.tier_put(
+                tier.name,
+                self._clock.monotonic() - started,
+                outcome.value,
+                tenant=split_key(key)[0],
+            )
             if outcome is PutOutcome.STORED:
                 self._policies[i].on_insert(self._access(key, size))
             return outcome
@@ -995,7 +1021,6 @@ class Hierarchy:
             return
         if loc.durable and i + 1 == self._persistent:
             self._relocate(key, loc, i + 1)
-            self._demotions[i] += 1
             return
         if i == self._persistent and loc.durable:
             loc.durable = False
@@ -1057,7 +1082,6 @@ class Hierarchy:
             return
         if outcome in (PutOutcome.STORED, PutOutcome.EXISTS):
             self._relocate(key, loc, below)
-            self._demotions[i] += 1
         else:
             self._forget(key)
 
@@ -1098,7 +1122,6 @@ class Hierarchy:
         if target is None or self._index.get(key) is not loc:
             return None
         self._relocate(key, loc, target)
-        self._promotions[src] += 1
         if loc.durable and src == self._persistent:
             return target  # keep the durable copy where it is
         self._policies[src].on_remove(key)

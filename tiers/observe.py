@@ -154,13 +154,13 @@ def note_failure(span: Span, exc: BaseException, *, what: str) -> None:
 class TierObserver(Protocol):
     """Per-operation measurements from the hierarchy. Called on the event loop; must be cheap."""
 
-    def tier_get(self, tier: str, seconds: float | None, hit: bool) -> None:
-        """A tier was consulted for a read; ``seconds`` is ``None`` when the hierarchy's index
-        answered a miss for it without touching it."""
+    def tier_get(self, tier: str, seconds: float | None, hit: bool, *, tenant: str) -> None:
+        """A tier was consulted for a read of ``tenant``'s block; ``seconds`` is ``None`` when
+        the hierarchy's index answered a miss for it without touching it."""
         ...
 
-    def tier_put(self, tier: str, seconds: float, outcome: str) -> None:
-        """A tier stored (or refused) a block; ``outcome`` is a ``PutOutcome`` value."""
+    def tier_put(self, tier: str, seconds: float, outcome: str, *, tenant: str) -> None:
+        """A tier stored (or refused) ``tenant``'s block; ``outcome`` is a ``PutOutcome`` value."""
         ...
 
     def block_read(self, tenant: str, tier: str | None) -> None:
@@ -169,10 +169,10 @@ class TierObserver(Protocol):
 
 
 class NullObserver:
-    def tier_get(self, tier: str, seconds: float | None, hit: bool) -> None:
+    def tier_get(self, tier: str, seconds: float | None, hit: bool, *, tenant: str) -> None:
         return None
 
-    def tier_put(self, tier: str, seconds: float, outcome: str) -> None:
+    def tier_put(self, tier: str, seconds: float, outcome: str, *, tenant: str) -> None:
         return None
 
     def block_read(self, tenant: str, tier: str | None) -> None:

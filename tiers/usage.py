@@ -18,6 +18,8 @@ class _Tenant:
     blocks: list[int]
     hits: list[int]  # reads served by tier i; the last slot is the shared remote tier
     evictions: list[int]
+    promotions: list[int]  # blocks moved out of tier i to a hotter one
+    demotions: list[int]  # blocks moved out of tier i to a colder one
     reads: int = 0
     total: int = field(default=0)  # sum of bytes: the quota charge
 
@@ -44,7 +46,8 @@ class TenantUsage:
         row = self._tenants.get(tenant)
         if row is None:
             n = len(self._names)
-            row = self._tenants[tenant] = _Tenant([0] * n, [0] * n, [0] * n, [0] * n)
+            z = [0] * n
+            row = self._tenants[tenant] = _Tenant(z, z[:], z[:], z[:], z[:], z[:])
         return row
 
     # -- where blocks live ---------------------------------------------------------------------
@@ -55,7 +58,8 @@ class TenantUsage:
         row.blocks[tier] += 1
         row.total += charge
 
-    def move(self, tenant: str, src: int, dst: int, charge: int) -> None:
+    def move(self, tenant: str, src: int, dst: int, charge: int, *, counted: bool) -> None:
+        """A block moved; a ``counted`` move is a promotion or demotion out of ``src``."""
         if src == dst:
             return
         row = self._of(tenant)
@@ -63,6 +67,8 @@ class TenantUsage:
         row.blocks[src] -= 1
         row.bytes[dst] += charge
         row.blocks[dst] += 1
+        if counted:
+            (row.promotions if dst < src else row.demotions)[src] += 1
 
     def drop(self, tenant: str, tier: int, charge: int) -> None:
         row = self._of(tenant)
@@ -90,6 +96,14 @@ class TenantUsage:
 
     def totals(self) -> dict[str, int]:
         return {tenant: row.total for tenant, row in self._tenants.items()}
+
+    def promotions(self, tenant: str) -> list[int]:
+        row = self._tenants.get(tenant)
+        return [0] * len(self._names) if row is None else list(row.promotions)
+
+    def demotions(self, tenant: str) -> list[int]:
+        row = self._tenants.get(tenant)
+        return [0] * len(self._names) if row is None else list(row.demotions)
 
     def tiers(self, tenant: str) -> list[TierUsage]:
         """Per tier, in the order given at construction."""
