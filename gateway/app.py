@@ -207,7 +207,9 @@ def create_app(
             )
         else:
             leases = LeaseTable(
-                token_store or token_store_for(hierarchy), clock=clock, scheduler=scheduler
+                token_store or token_store_for(hierarchy, config.data_dir),
+                clock=clock,
+                scheduler=scheduler,
             )
         # Reserves a fresh fencing epoch (a durable increment): every token of a previous run
         # is older than any this run hands out. The Redis table subscribes to lease events.

@@ -59,7 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", metavar="DIR", help="where the disk tier lives (./data)")
     serve.add_argument("--hbm-bytes", metavar="N", help="HBM tier budget (512MiB)")
     serve.add_argument("--dram-bytes", metavar="N", help="pinned DRAM tier budget (2GiB)")
-    serve.add_argument("--disk-bytes", metavar="N", help="disk tier budget (8GiB)")
+    serve.add_argument(
+        "--disk-bytes", metavar="N", help="disk tier budget (8GiB; 0: no disk tier, RAM only)"
+    )
     serve.add_argument("--max-block-bytes", metavar="N", help="largest block a PUT may store")
     serve.add_argument("--max-batch-bytes", metavar="N", help="largest /v1/batch/put body")
     serve.add_argument("--max-batch-keys", metavar="N", help="most items in one batch call")

@@ -18,8 +18,10 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import cast
 
+from coherence.epoch_file import FileTokenStore
 from coherence.errors import LeaseConflict, LeaseStoreUnavailable, StaleToken
 from coherence.leases import (
     Granted,
@@ -57,15 +59,21 @@ class Exists:
 EXISTS = Exists()
 
 
-def token_store_for(hierarchy: object) -> TokenStore:
+EPOCH_FILE = "lease_epoch"
+
+
+def token_store_for(hierarchy: object, data_dir: Path | None = None) -> TokenStore:
     """Fencing epochs persisted in the coldest tier with a durable ``meta_incr`` (the disk tier).
 
-    Without one (a test's memory-only hierarchy) the epochs live in memory, and tokens are
+    Without one (``disk_bytes = 0``) they are kept in ``data_dir``'s :data:`EPOCH_FILE`; with
+    no ``data_dir`` either (a test's memory-only hierarchy) in memory, and tokens are then
     monotonic only for the life of the process.
     """
     for tier in reversed(list(getattr(hierarchy, "tiers", ()))):
         if callable(getattr(tier, "meta_incr", None)):
             return MetaTokenStore(cast(SupportsMetaIncr, tier))
+    if data_dir is not None:
+        return FileTokenStore(data_dir / EPOCH_FILE)
     log.warning("no tier has a durable meta_incr: fencing tokens restart with the process")
     return MemoryTokenStore()
 

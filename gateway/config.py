@@ -97,6 +97,8 @@ class GatewayConfig:
     hbm_bytes: int = 512 * MiB
     dram_bytes: int = 2 * GiB
     disk_bytes: int = 8 * GiB
+    """0: no disk tier, a RAM-only cache (blocks evicted from dram are gone, nothing survives
+    a restart but the fencing epoch, kept in a small file in ``data_dir``)."""
     max_block_bytes: int = 64 * MiB
     max_batch_bytes: int = 256 * MiB
     max_batch_keys: int = 4096
@@ -372,11 +374,13 @@ def validate(config: GatewayConfig) -> None:
         )
     from tiers.disk import MIN_CAPACITY_BYTES
 
-    if config.disk_bytes < MIN_CAPACITY_BYTES:
+    if config.disk_bytes != 0 and config.disk_bytes < MIN_CAPACITY_BYTES:
         raise ConfigError(
             f"disk_bytes: the disk tier needs at least {MIN_CAPACITY_BYTES} bytes (1MiB), "
-            f"got {config.disk_bytes}"
+            f"got {config.disk_bytes} (0: no disk tier)"
         )
+    if config.disk_bytes == 0 and config.write_through:
+        raise ConfigError("write_through writes every block to the disk tier: disk_bytes is 0")
     if not 1 <= config.disk_compression_level <= 22:
         raise ConfigError("disk_compression_level: expected 1..22 (zstd levels)")
     if config.shutdown_timeout_s < 0:

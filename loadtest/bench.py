@@ -34,7 +34,15 @@ from loadtest.matrix import Entry, open_targets, run_rounds
 from loadtest.scenarios import SCENARIOS, Params
 from loadtest.sizes import format_size, parse_size
 
-STANDARD_TARGETS = ("kvgate", "dict", "redis", "mooncake", "kvgate-shm", "kvgate-shed")
+STANDARD_TARGETS = (
+    "kvgate",
+    "dict",
+    "redis",
+    "mooncake",
+    "kvgate-shm",
+    "kvgate-shed",
+    "kvgate-ram",
+)
 
 
 def standard_entries(*, block_size: int, concurrency: int, duration_s: float) -> list[Entry]:

@@ -19,6 +19,8 @@ RATIO_PAIRS: tuple[tuple[str, str], ...] = (
     ("kvgate-shm", "mooncake"),
     ("kvgate-shed", "redis"),
     ("kvgate-shed", "dict"),
+    ("kvgate-ram", "redis"),
+    ("kvgate-ram", "dict"),
 )
 """(kvgate variant, peer) pairs whose ratios the summary prints when both ran."""
 

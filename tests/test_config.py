@@ -106,6 +106,8 @@ def test_tenants_table(tmp_path: Path) -> None:
         ("write_through = 3\n", "write_through"),
         ("max_block_bytes = 0\n", "max_block_bytes"),
         ("disk_compression_level = 99\n", "disk_compression_level"),
+        ("disk_bytes = 4096\n", "at least"),
+        ("disk_bytes = 0\nwrite_through = true\n", "disk_bytes is 0"),
         ('[tenants.alice]\ntoken_sha256 = "short"\n', "tenants.alice.token_sha256"),
         (f'[tenants.alice]\ntoken_sha256 = "{SHA}"\nextra = 1\n', "unknown keys"),
         (

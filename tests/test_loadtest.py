@@ -289,6 +289,19 @@ async def test_kvgate_shed_target_starts_a_shedding_gateway() -> None:
         assert put.outcomes == {"put:stored": put.ops}
 
 
+async def test_kvgate_ram_target_starts_a_gateway_without_a_disk_tier() -> None:
+    async with open_target("kvgate-ram", OPTIONS) as t:
+        assert t.name == "kvgate-ram"
+        assert getattr(t, "only_scenarios", None) == frozenset({"put", "mixed"})
+        url = t._base
+        async with aiohttp.ClientSession() as http, http.get(f"{url}/v1/stats") as resp:
+            tiers = [tier["name"] for tier in (await resp.json())["tiers"]]
+        assert tiers == ["hbm", "dram"]
+        put = await run_scenario(t, make_scenario("put", PARAMS), PARAMS, SHORT, progress=None)
+        assert_sane(put, op="put", moves_bytes=True)
+        assert put.outcomes == {"put:stored": put.ops}
+
+
 async def test_shm_target_sends_waiting_calls_in_concurrent_batches_of_shm_batch(
     tmp_path: Path,
 ) -> None:

@@ -1,4 +1,5 @@
-"""Builds the standard three-tier hierarchy (hbm, dram, disk) from plain settings."""
+"""Builds the standard three-tier hierarchy (hbm, dram, disk) from plain settings; with
+``disk_bytes`` 0, the two memory tiers alone (a RAM-only cache)."""
 
 from __future__ import annotations
 
@@ -61,11 +62,15 @@ async def build_hierarchy(
         if settings.remote is None
         else await RemoteTier.connect(settings.remote, clock=clock, executor=executor)
     )
-    disk = await DiskTier.open(
-        settings.data_dir / "blocks.lmdb",
-        capacity_bytes=settings.disk_bytes,
-        level=settings.disk_compression_level,
-        clock=clock,
+    disk = (
+        None
+        if settings.disk_bytes == 0
+        else await DiskTier.open(
+            settings.data_dir / "blocks.lmdb",
+            capacity_bytes=settings.disk_bytes,
+            level=settings.disk_compression_level,
+            clock=clock,
+        )
     )
     arena_kwargs: dict[str, object] = {
         "page_bytes": settings.page_bytes,
@@ -96,15 +101,14 @@ async def build_hierarchy(
         ArenaTier.dram(
             settings.dram_bytes, landing_bytes=settings.landing_bytes if gpu else 0, **arena_kwargs
         ),
-        disk,
     ]
+    policies = [make_policy(settings.hbm_policy), make_policy(settings.dram_policy)]
+    if disk is not None:
+        tiers.append(disk)
+        policies.append(make_policy(settings.disk_policy))
     hierarchy = Hierarchy(
         tiers,
-        policies=[
-            make_policy(settings.hbm_policy),
-            make_policy(settings.dram_policy),
-            make_policy(settings.disk_policy),
-        ],
+        policies=policies,
         config=HierarchyConfig(
             write_through=settings.write_through,
             promote_on_hit=settings.promote_on_hit,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from loadtest import procs
@@ -111,6 +111,20 @@ async def _open_kvgate_shed(options: TargetOptions) -> AsyncIterator[Target]:
         yield target
 
 
+# What the redis peer is (no persistence, allkeys-lru): a RAM-only kvgate, no disk tier
+# (--disk-bytes 0), for the write scenarios only (reads are the same server code).
+@contextlib.asynccontextmanager
+async def _open_kvgate_ram(options: TargetOptions) -> AsyncIterator[Target]:
+    ram = replace(options, kvgate_sizes=replace(options.kvgate_sizes, disk_bytes="0"))
+    async with contextlib.AsyncExitStack() as stack:
+        url = await _kvgate_url(stack, ram)
+        target = KvgateTarget(
+            "kvgate-ram", url, concurrency=options.concurrency, only_scenarios=SHED_SCENARIOS
+        )
+        stack.push_async_callback(target.close)
+        yield target
+
+
 @contextlib.asynccontextmanager
 async def _open_kvgate_shm(options: TargetOptions) -> AsyncIterator[Target]:
     async with _shm_target(options, "kvgate-shm", None) as target:
@@ -201,6 +215,7 @@ OPENERS: dict[str, Opener] = {
     "kvgate-shm": _open_kvgate_shm,
     "kvgate-shm-private": _open_kvgate_shm_private,
     "kvgate-shed": _open_kvgate_shed,
+    "kvgate-ram": _open_kvgate_ram,
     "dict": _open_dict,
     "redis": _open_redis,
     "mooncake": _open_mooncake,
