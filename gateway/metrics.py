@@ -118,6 +118,7 @@ class KvgateMetrics:
         self._hit_children: dict[str, Any] = {}
         self._miss_children: dict[str, Any] = {}
         self._read_children: dict[tuple[str, str], Any] = {}
+        self._put_outcome_children: dict[tuple[str, str], Any] = {}
         # The same latencies per tenant, for a tenant's own summary only: not on /metrics,
         # where a tenant label would multiply every histogram's series by the tenant count.
         self._tenant_get = _TenantHistograms()
@@ -156,7 +157,11 @@ class KvgateMetrics:
     def tier_put(self, tier: str, seconds: float, outcome: str, *, tenant: str) -> None:
         _child(self._put_children, self._put_seconds, tier).observe(seconds)
         self._tenant_put.observe(tenant, tier, seconds)
-        self._puts.labels(tier, outcome).inc()
+        label = (tier, outcome)
+        child = self._put_outcome_children.get(label)
+        if child is None:
+            child = self._put_outcome_children[label] = self._puts.labels(*label)
+        child.inc()
         if self._otel is not None:
             self._otel.tier_put(tier, seconds, outcome)
 
