@@ -52,6 +52,11 @@ def describe_tiers(app: web.Application) -> str:
     )
 
 
+def _has_durable_tier(app: web.Application) -> bool:
+    hierarchy = app[STATE].hierarchy
+    return hierarchy is not None and any(not t.volatile for t in hierarchy.tiers)
+
+
 # Lines this long reach the handlers, which answer a JSON 400 for an over-long key; longer
 # ones are refused by aiohttp's parser (in JSON too, through JsonErrorHandler).
 MAX_LINE_BYTES = 64 * 1024
@@ -243,10 +248,16 @@ async def serve(
             listener = await listen(runner, config)
             urls = urls_of(listener)
             log.info("kvgate serving on %s -- tiers: %s", " ".join(urls), describe_tiers(app))
+            durable = _has_durable_tier(app)
+            if not durable:
+                log.info("no disk tier (disk_bytes = 0): blocks do not survive a restart")
             if on_ready is not None:
                 on_ready(urls)
             await stop.wait()
-            log.info("shutting down: finishing requests, spilling volatile tiers to disk")
+            log.info(
+                "shutting down: finishing requests%s",
+                ", spilling volatile tiers to disk" if durable else "",
+            )
         finally:
             if listener is not None:
                 listener.close()  # no new connections; the runner finishes the open ones

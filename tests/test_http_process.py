@@ -277,3 +277,18 @@ async def test_a_body_unfinished_at_the_drain_deadline_gets_503(
         assert status_line.split(b" ")[1] == b"503", status_line
         assert await server.wait() == 0, "".join(server.log)
         assert any("answered 503" in line for line in server.log) == landed
+
+
+async def test_a_ram_only_server_says_so_and_spills_nothing_on_shutdown(tmp_path: Path) -> None:
+    async with serving(tmp_path / "data", "--disk-bytes", "0") as server:
+        await server.until_logged("no disk tier (disk_bytes = 0)")
+        async with aiohttp.ClientSession() as http:
+            async with http.put(f"{server.url}/v1/blocks/k", data=b"x" * 1000) as resp:
+                assert resp.status == 201
+            async with http.get(f"{server.url}/v1/stats") as resp:
+                assert [t["name"] for t in (await resp.json())["tiers"]] == ["hbm", "dram"]
+        server.proc.send_signal(signal.SIGTERM)
+        assert await server.wait() == 0, "".join(server.log)
+    text = "".join(server.log)
+    assert "shutting down: finishing requests" in text and "spilling" not in text
+    assert not (tmp_path / "data" / "blocks.lmdb").exists()
