@@ -7,11 +7,12 @@ expiry, waiter timeouts and pin deadlines happen when a test says so, never by s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import random
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -478,37 +479,54 @@ async def test_empty_blocks_count_a_page_each_against_the_quota(tmp_path: Path) 
         assert await alice.get("zz2047") == b""
 
 
-async def test_stats_show_a_tenant_only_its_own_share_of_the_tiers(tmp_path: Path) -> None:
-    """With tenants, /v1/stats showed every tenant the tiers' totals: bob could watch alice's
-    hits, misses, writes and evictions change. Now each sees its own share; totals stay on
-    /metrics for the operator."""
-    block = 256 * KiB
+async def _get_json(
+    http: aiohttp.ClientSession, url: str, token: str | None, status: int = 200
+) -> dict[str, Any]:
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    async with http.get(url, headers=headers) as resp:
+        assert resp.status == status
+        payload: dict[str, Any] = await resp.json()
+        return payload
+
+
+Read = Callable[..., Awaitable[dict[str, Any]]]
+WATCH_BLOCK = 256 * KiB
+
+
+@contextlib.asynccontextmanager
+async def _bob_watches_alice(
+    tmp_path: Path, path: str, **overrides: Any
+) -> AsyncIterator[tuple[RunningGateway, Read, dict[str, Any], dict[str, Any]]]:
+    """Bob stores and reads one block and reads ``path``; alice then works (blocks written,
+    some evicted down, hits, a miss, a lease held); bob reads ``path`` again. Yields the
+    gateway, ``read(token, status=200)`` of ``path``, and bob's two views."""
     tenants = (tenant("alice", ALICE), tenant("bob", BOB))
     async with (
-        running_gateway(tmp_path, tenants=tenants) as gw,
+        running_gateway(tmp_path, tenants=tenants, **overrides) as gw,
         KVGateClient(gw.url, token=ALICE) as alice,
         KVGateClient(gw.url, token=BOB) as bob,
         aiohttp.ClientSession() as http,
     ):
-
-        async def stats(token: str) -> dict[str, Any]:
-            headers = {"Authorization": f"Bearer {token}"}
-            async with http.get(f"{gw.url}/v1/stats", headers=headers) as resp:
-                assert resp.status == 200
-                payload: dict[str, Any] = await resp.json()
-                return payload
-
-        assert await bob.put("mine", os.urandom(block)) is True
+        read = partial(_get_json, http, f"{gw.url}{path}")
+        assert await bob.put("mine", os.urandom(WATCH_BLOCK)) is True
         assert await bob.get("mine") is not None
-        bob_before = await stats(BOB)
-        # Alice works: blocks written (some evicted down), hits, misses, a lease held.
+        before = await read(BOB)
         for i in range(40):
-            assert await alice.put(f"a{i}", os.urandom(block)) is True
+            assert await alice.put(f"a{i}", os.urandom(WATCH_BLOCK)) is True
         for i in range(40):
             assert await alice.get(f"a{i}") is not None
         assert await alice.get("absent") is None
         assert isinstance(await alice.acquire_lease("pending", ttl_ms=5000), Lease)
-        bob_after = await stats(BOB)
+        await gw.hierarchy.quiesce()
+        yield gw, read, before, await read(BOB)
+
+
+async def test_stats_show_a_tenant_only_its_own_share_of_the_tiers(tmp_path: Path) -> None:
+    """With tenants, /v1/stats showed every tenant the tiers' totals: bob could watch alice's
+    hits, misses, writes and evictions change. Now each sees its own share; totals stay on
+    /metrics for the operator."""
+    block = WATCH_BLOCK
+    async with _bob_watches_alice(tmp_path, "/v1/stats") as (gw, stats, bob_before, bob_after):
 
         def activity(view: dict[str, Any]) -> tuple[object, ...]:
             # Where bob's own block lives may change (alice's writes pushed it down a tier: a
@@ -549,34 +567,14 @@ async def test_the_metrics_summary_shows_a_tenant_only_its_own_figures(tmp_path:
     """/v1/metrics/summary (the dashboard's feed) answered every tenant with the totals: tier
     levels, hit and miss counts, per-tier latency counts and percentiles, leases. Now a tenant
     reads its own figures there as on /v1/stats; the metrics token reads the totals."""
-    block = 256 * KiB
-    tenants = (tenant("alice", ALICE), tenant("bob", BOB))
+    block = WATCH_BLOCK
     digest = hashlib.sha256(b"scraper").hexdigest()
-    async with (
-        running_gateway(tmp_path, tenants=tenants, metrics_token_sha256=digest) as gw,
-        KVGateClient(gw.url, token=ALICE) as alice,
-        KVGateClient(gw.url, token=BOB) as bob,
-        aiohttp.ClientSession() as http,
+    async with _bob_watches_alice(tmp_path, "/v1/metrics/summary", metrics_token_sha256=digest) as (
+        gw,
+        summary,
+        bob_before,
+        bob_after,
     ):
-
-        async def summary(token: str | None, status: int = 200) -> dict[str, Any]:
-            headers = {} if token is None else {"Authorization": f"Bearer {token}"}
-            async with http.get(f"{gw.url}/v1/metrics/summary", headers=headers) as resp:
-                assert resp.status == status
-                payload: dict[str, Any] = await resp.json()
-                return payload
-
-        assert await bob.put("mine", os.urandom(block)) is True
-        assert await bob.get("mine") is not None
-        bob_before = await summary(BOB)
-        for i in range(40):
-            assert await alice.put(f"a{i}", os.urandom(block)) is True
-        for i in range(40):
-            assert await alice.get(f"a{i}") is not None
-        assert await alice.get("absent") is None
-        assert isinstance(await alice.acquire_lease("pending", ttl_ms=5000), Lease)
-        await gw.hierarchy.quiesce()
-        bob_after = await summary(BOB)
 
         def activity(view: dict[str, Any]) -> tuple[object, ...]:
             tiers = view["tiers"]
