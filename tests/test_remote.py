@@ -23,7 +23,7 @@ from coherence.leases import Granted, Held, WaitOutcome
 from coherence.redis_leases import RedisLeaseTable
 from coherence.sched import FakeScheduler
 from loadtest.procs import redis_server, redis_server_binary
-from tests.conftest import RunningGateway, running_gateway
+from tests.conftest import SMALL_TIERS, RunningGateway, running_gateway
 from tiers.base import PutOutcome
 from tiers.block import Block
 from tiers.clock import FakeClock
@@ -455,11 +455,13 @@ async def _pair(
     return a, b
 
 
+@pytest.mark.parametrize("disk_bytes", [SMALL_TIERS.disk_bytes, 0], ids=["disk", "ram-only"])
 async def test_two_gateways_act_as_one_cache(
-    tmp_path: Path, redis_url: str, http: aiohttp.ClientSession
+    tmp_path: Path, redis_url: str, http: aiohttp.ClientSession, disk_bytes: int
 ) -> None:
     async with AsyncExitStack() as stack:
-        a, b = await _pair(stack, tmp_path, redis_url)
+        a, b = await _pair(stack, tmp_path, redis_url, disk_bytes=disk_bytes)
+        assert len(b.hierarchy.tiers) == (3 if disk_bytes else 2)
         body = os.urandom(300_000)
         async with http.put(a.block_url("doc.0"), data=body) as resp:
             assert resp.status == 201
@@ -481,7 +483,8 @@ async def test_two_gateways_act_as_one_cache(
             assert await resp.json() == {"prefix_hits": 2, "tiers": ["hbm", "remote"]}
         async with http.get(f"{a.url}/v1/stats") as resp:
             tiers = (await resp.json())["tiers"]
-        assert [t["name"] for t in tiers] == ["hbm", "dram", "disk", "remote"]
+        local = ["hbm", "dram", "disk"] if disk_bytes else ["hbm", "dram"]
+        assert [t["name"] for t in tiers] == [*local, "remote"]
         assert tiers[-1]["blocks"] == 2 and tiers[-1]["device"].startswith("redis://")
         assert tiers[-1]["used_bytes"] <= tiers[-1]["capacity_bytes"]
         # Delete through one: gone from the other, local copy included.

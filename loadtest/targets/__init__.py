@@ -101,28 +101,27 @@ SHED_SCENARIOS = frozenset({"put", "mixed"})
 
 
 @contextlib.asynccontextmanager
-async def _open_kvgate_shed(options: TargetOptions) -> AsyncIterator[Target]:
+async def _write_variant(
+    name: str, options: TargetOptions, settings: dict[str, str] | None = None
+) -> AsyncIterator[Target]:
+    """A kvgate started (or given) for the write scenarios only."""
     async with contextlib.AsyncExitStack() as stack:
-        url = await _kvgate_url(stack, options, SHED_SETTINGS)
+        url = await _kvgate_url(stack, options, settings)
         target = KvgateTarget(
-            "kvgate-shed", url, concurrency=options.concurrency, only_scenarios=SHED_SCENARIOS
+            name, url, concurrency=options.concurrency, only_scenarios=SHED_SCENARIOS
         )
         stack.push_async_callback(target.close)
         yield target
 
 
-# What the redis peer is (no persistence, allkeys-lru): a RAM-only kvgate, no disk tier
-# (--disk-bytes 0), for the write scenarios only (reads are the same server code).
-@contextlib.asynccontextmanager
-async def _open_kvgate_ram(options: TargetOptions) -> AsyncIterator[Target]:
+def _open_kvgate_shed(options: TargetOptions) -> AbstractAsyncContextManager[Target]:
+    return _write_variant("kvgate-shed", options, SHED_SETTINGS)
+
+
+def _open_kvgate_ram(options: TargetOptions) -> AbstractAsyncContextManager[Target]:
+    # What the redis peer is (no persistence, allkeys-lru): a RAM-only kvgate, no disk tier.
     ram = replace(options, kvgate_sizes=replace(options.kvgate_sizes, disk_bytes="0"))
-    async with contextlib.AsyncExitStack() as stack:
-        url = await _kvgate_url(stack, ram)
-        target = KvgateTarget(
-            "kvgate-ram", url, concurrency=options.concurrency, only_scenarios=SHED_SCENARIOS
-        )
-        stack.push_async_callback(target.close)
-        yield target
+    return _write_variant("kvgate-ram", ram)
 
 
 @contextlib.asynccontextmanager
