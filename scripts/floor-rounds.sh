@@ -1,9 +1,17 @@
 # Sourced by scripts/put-floor.sh and scripts/get-floor.sh: the servers' common set-up, and
 # the alternating rounds with each server's CPU time per operation.
 #
-# Before sourcing: ROUNDS, SECONDS_PER_ROUND, PY. After it: $tmp (removed on exit), start NAME
-# COMMAND... (runs a server in the background; its pid is in $last_pid) and rounds SCENARIO
-# SPEC... where each SPEC is "name target port pid".
+# Sourced as `source "$(dirname "$0")/floor-rounds.sh" "$@"` with DEFAULT_ROUNDS set; the
+# script's arguments are [ROUNDS] [SECONDS] (default 4 s). It moves to the repository root and
+# sets ROUNDS, SECONDS_PER_ROUND and PY ($PYTHON, else .venv/bin/python). After it: $tmp
+# (removed on exit), start NAME COMMAND... (runs a server in the background; its pid is in
+# $last_pid) and rounds SCENARIO SPEC... where each SPEC is "name target port pid".
+
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROUNDS=${1:-$DEFAULT_ROUNDS}
+SECONDS_PER_ROUND=${2:-4}
+PY=${PYTHON:-.venv/bin/python}
 
 tmp=$(mktemp -d)
 pids=()

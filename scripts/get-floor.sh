@@ -5,13 +5,9 @@
 # server's CPU time per GET. docs/benchmarks.md ("HTTP against its floor") shows a run.
 #
 #   scripts/get-floor.sh [ROUNDS] [SECONDS]      # default 3 rounds x 4 s
-set -euo pipefail
-cd "$(dirname "$0")/.."
-ROUNDS=${1:-3}
-SECONDS_PER_ROUND=${2:-4}
-PY=${PYTHON:-.venv/bin/python}
+DEFAULT_ROUNDS=3
 BASE=${GET_FLOOR_BASE_PORT:-18195}
-source scripts/floor-rounds.sh
+source "$(dirname "$0")/floor-rounds.sh" "$@"
 
 start floor "$PY" -m loadtest.put_floor --port $((BASE + 2)) --get-bytes 1MiB --get-keys 64
 floor=$last_pid

@@ -5,13 +5,9 @@
 # each server's CPU time per PUT. docs/perf.md, "The floor for PUT", shows a run.
 #
 #   scripts/put-floor.sh [ROUNDS] [SECONDS]      # default 5 rounds x 4 s
-set -euo pipefail
-cd "$(dirname "$0")/.."
-ROUNDS=${1:-5}
-SECONDS_PER_ROUND=${2:-4}
-PY=${PYTHON:-.venv/bin/python}
+DEFAULT_ROUNDS=5
 BASE=${PUT_FLOOR_BASE_PORT:-18095}
-source scripts/floor-rounds.sh
+source "$(dirname "$0")/floor-rounds.sh" "$@"
 
 start floor "$PY" -m loadtest.put_floor --port $((BASE + 2))
 floor=$last_pid
