@@ -441,8 +441,7 @@ class LeaseTable:
         """All leases, or only ``tenant``'s (a scan of the keys remembered)."""
         if tenant is None:
             return LeaseStats(live=self._live, waiters=self._waiting, remembered=len(self._ended))
-        prefix = tenant + TENANT_SEP
-        mine = [lease for key, lease in self._by_key.items() if key.startswith(prefix)]
+        mine = [lease for key, lease in self._by_key.items() if tenant_of(key) == tenant]
         return LeaseStats(
             live=sum(
                 1
@@ -450,7 +449,7 @@ class LeaseTable:
                 if lease.state is LeaseState.LIVE and lease.deadline > self._clock.monotonic()
             ),
             waiters=sum(len(lease.waiters) for lease in mine),
-            remembered=sum(1 for key in self._ended if key.startswith(prefix)),
+            remembered=sum(1 for key in self._ended if tenant_of(key) == tenant),
         )
 
     # -- internals ----------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from coherence.errors import BadRequest, CoherenceConfigError
-from tiers.block import TENANT_SEP
+from tiers.block import tenant_of
 from tiers.clock import SYSTEM_CLOCK, Clock
 
 DEFAULT_PIN_TTL_MS = 2_000
@@ -164,8 +164,7 @@ class PinTable:
     def tenant_pins(self, tenant: str) -> tuple[int, int]:
         """``(bytes, blocks)`` pinned now of ``tenant``'s keys (a scan of the pins held)."""
         self._drain()
-        prefix = tenant + TENANT_SEP
-        mine = [pin.nbytes for key, pin in self._pins.items() if key.startswith(prefix)]
+        mine = [pin.nbytes for key, pin in self._pins.items() if tenant_of(key) == tenant]
         return sum(mine), len(mine)
 
     def expire_due(self) -> int:

@@ -420,13 +420,12 @@ class RedisLeaseTable:
             del self._granted[lease_id]
         if tenant is None:
             return LeaseStats(live=len(self._granted), waiters=self._waiting, remembered=0)
-        prefix = tenant + TENANT_SEP
         return LeaseStats(
-            live=sum(1 for key, _ in self._granted.values() if key.startswith(prefix)),
+            live=sum(1 for key, _ in self._granted.values() if tenant_of(key) == tenant),
             waiters=sum(
                 len(parked.futures)
                 for key, parked in self._parked.items()
-                if key.startswith(prefix)
+                if tenant_of(key) == tenant
             ),
             remembered=0,
         )
